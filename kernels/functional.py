@@ -1,0 +1,168 @@
+"""Public functional API: shape handling, validation, backend choice (in one place).
+
+Backends implement the same two entry points on flattened ``[N, H]`` inputs:
+``token_logprobs(...) -> (lp, entropy)`` and ``fused_loss(...) -> (loss, lp, entropy)``.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .loss_math import (DEFAULT_PRECLIP, LossSettings, broadcast_advantages, loss_and_grad,
+                        loss_stats, per_token_loss, token_weights)
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+_MODULES = {"triton": ".triton_ops", "torch": ".torch_chunked", "reference": ".reference"}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "triton" and device.type != "cuda" and not _interpreting():
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                         "testing); use backend='torch' on CPU")
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _backend_module(name: str):
+    return importlib.import_module(_MODULES[name], __package__)
+
+
+def _check_plain_tensors(**tensors):
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return
+    for name, t in tensors.items():
+        if isinstance(t, DTensor):
+            raise TypeError(
+                f"{name} is a DTensor (an FSDP2-sharded parameter). The fused kernels need the "
+                "full, unsharded lm_head weight: call the loss inside the forward of an FSDP "
+                "unit that owns lm_head (e.g. fully_shard([norm, lm_head], "
+                "reshard_after_forward=False) and compute the loss in that module), or pass "
+                f"{name}.full_tensor() yourself.")
+
+
+def _flatten(hidden, weight, targets):
+    if hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"hidden [..., H={hidden.shape[-1]}] does not match weight "
+                         f"[V, H={weight.shape[-1]}]")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden's leading "
+                         f"shape {tuple(hidden.shape[:-1])}")
+    return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+
+
+def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                   return_entropy=False, backend="auto"):
+    """Log-probability of each target token, without building ``[tokens × vocab]`` logits.
+
+    hidden ``[..., H]``, weight ``[V, H]`` (lm_head), targets ``[...]`` (int64). Returns fp32
+    ``logp`` of shape ``[...]`` (0 where ``targets == ignore_index``), differentiable with
+    respect to ``hidden``, ``weight`` and ``bias``; with ``return_entropy=True`` also the
+    (detached) entropy of each position's distribution.
+    """
+    _check_plain_tensors(hidden=hidden, weight=weight, bias=bias)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    lead = targets.shape
+    h2, t2 = _flatten(hidden, weight, targets)
+    mod = _backend_module(resolve_backend(backend, hidden.device))
+    lp, ent = mod.token_logprobs(h2, weight, t2, bias=bias, temperature=float(temperature),
+                                 ignore_index=ignore_index, return_entropy=return_entropy)
+    lp = lp.reshape(lead)
+    if return_entropy:
+        return lp, ent.reshape(lead)
+    return lp
+
+
+def stable_reinforce_loss(logp, old_logp, advantages, mask, *, ref_logp=None,
+                          preclip=DEFAULT_PRECLIP, clip_eps=(0.2, 0.2), dual_clip=None,
+                          kl_coef=0.0, kl_estimator="k3", aggregation="token-mean"):
+    """StableReinforce loss from per-token log-probs ``[B, T]``.
+
+    ``advantages`` is per token ``[B, T]`` or per sequence ``[B]``; ``mask`` ``[B, T]``
+    marks response tokens. Returns ``(loss, stats)`` where stats are detached 0-dim
+    tensors: preclip_frac, clip_frac, ratio_mean, ratio_max, approx_kl (and ref_kl).
+    """
+    s = LossSettings(preclip=preclip, clip_eps=tuple(clip_eps), dual_clip=dual_clip,
+                     kl_coef=kl_coef, kl_estimator=kl_estimator, aggregation=aggregation)
+    _check_loss_shapes(logp, old_logp, mask, ref_logp)
+    adv = broadcast_advantages(advantages, mask).to(torch.float32)
+    valid = mask.bool()
+    w = token_weights(mask, s.aggregation)
+    old = old_logp.to(torch.float32)
+    ref = None if ref_logp is None else ref_logp.to(torch.float32)
+    loss_t = per_token_loss(logp.float(), old, adv, ref, s)
+    loss = (w * torch.where(valid, loss_t, torch.zeros_like(loss_t))).sum()
+    _, _, parts = loss_and_grad(logp.detach().float(), old, adv, ref, w, s)
+    return loss, loss_stats(logp.detach(), old, ref, valid, parts)
+
+
+def fused_stable_reinforce_loss(hidden, weight, targets, old_logp, advantages, mask, *,
+                                ref_logp=None, preclip=DEFAULT_PRECLIP, clip_eps=(0.2, 0.2),
+                                dual_clip=None, kl_coef=0.0, kl_estimator="k3",
+                                aggregation="token-mean", bias=None, temperature=1.0,
+                                return_entropy=False, filter_eps=None, backend="auto"):
+    """StableReinforce loss straight from hidden states ``[B, T, H]`` and lm_head ``[V, H]``.
+
+    Same settings and return value as :func:`stable_reinforce_loss`; targets ``[B, T]``
+    are the sampled tokens. ``filter_eps`` (float or ``"auto"`` = bf16 resolution) skips
+    vocabulary tiles whose softmax gradient is below it; ``None`` (default) is exact.
+    """
+    s = LossSettings(preclip=preclip, clip_eps=tuple(clip_eps), dual_clip=dual_clip,
+                     kl_coef=kl_coef, kl_estimator=kl_estimator, aggregation=aggregation)
+    _check_plain_tensors(hidden=hidden, weight=weight, bias=bias)
+    _check_loss_shapes(targets, old_logp, mask, ref_logp)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if filter_eps == "auto":
+        filter_eps = BF16_FILTER_EPS
+    h2, t2 = _flatten(hidden, weight, targets)
+    valid = mask.bool()
+    adv = broadcast_advantages(advantages, mask).to(torch.float32).reshape(-1)
+    w = token_weights(mask, s.aggregation).reshape(-1)
+    old = old_logp.to(torch.float32).reshape(-1)
+    ref = None if ref_logp is None else ref_logp.to(torch.float32).reshape(-1)
+    mod = _backend_module(resolve_backend(backend, hidden.device))
+    loss, lp, ent = mod.fused_loss(h2, weight, t2, old, adv, ref, w, valid.reshape(-1),
+                                   bias=bias, temperature=float(temperature), settings=s,
+                                   return_entropy=return_entropy, filter_eps=filter_eps)
+    _, _, parts = loss_and_grad(lp, old, adv, ref, w, s)
+    stats = loss_stats(lp, old, ref, valid.reshape(-1), parts, entropy=ent)
+    return loss, stats
+
+
+# Softmax-gradient entries below this are invisible in a bf16 gradient of magnitude ~1.
+BF16_FILTER_EPS = 2.0 ** -8 / 32
+
+
+def _check_loss_shapes(logp, old_logp, mask, ref_logp):
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
+    for name, t in (("logp/targets", logp), ("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is not None and t.shape != mask.shape:
+            raise ValueError(f"{name} must have the mask's shape {tuple(mask.shape)}, "
+                             f"got {tuple(t.shape)}")
+
+
+__all__ = ["token_logprobs", "stable_reinforce_loss", "fused_stable_reinforce_loss",
+           "resolve_backend", "BACKENDS", "BF16_FILTER_EPS"]

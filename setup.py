@@ -1,0 +1,35 @@
+"""r1reward: StableReinforce trainer for generative multimodal reward models.
+
+The Triton/PyTorch kernel sources live in the top-level ``kernels/`` folder but are
+installed as ``r1reward.kernels`` (never as a top-level ``kernels`` package, a name
+already taken on PyPI).
+"""
+from setuptools import setup
+
+setup(
+    name="r1reward",
+    version="0.1.0",
+    description="Fast StableReinforce (R1-Reward) trainer for generative multimodal reward models",
+    python_requires=">=3.10",
+    packages=["r1reward", "r1reward.kernels"],
+    package_dir={"r1reward": "r1reward", "r1reward.kernels": "kernels"},
+    install_requires=[
+        # torch is pinned by the README/CI install line (CPU wheel); a range here keeps
+        # GPU users free to bring their own CUDA build.
+        "torch>=2.5",
+        "transformers>=4.49",
+        "tokenizers>=0.20",
+        "safetensors",
+        "pillow",
+        "numpy",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
+    ],
+    extras_require={
+        "triton": ["triton>=3.1"],
+        "gpu": ["triton>=3.1", "nvidia-ml-py", "flash-attn"],
+        "bench": ["liger-kernel", "cut-cross-entropy"],
+        "test": ["pytest", "triton>=3.1"],
+    },
+)
