@@ -25,6 +25,8 @@ setup(
         "tqdm",
         "tensorboard",
         "matplotlib",
+        # async client for the OpenAI-compatible consistency judge (r1reward.rewards)
+        "httpx>=0.24",
     ],
     extras_require={
         "triton": ["triton>=3.1"],
