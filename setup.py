@@ -32,6 +32,6 @@ setup(
         "triton": ["triton>=3.1"],
         "gpu": ["triton>=3.1", "nvidia-ml-py", "flash-attn"],
         "bench": ["liger-kernel", "cut-cross-entropy"],
-        "test": ["pytest", "triton>=3.1"],
+        "test": ["pytest", "triton>=3.1", "setuptools>=70.1"],  # setuptools: wheel test
     },
 )
