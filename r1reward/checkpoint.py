@@ -1,0 +1,99 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): sharded model + optimizer, plus the
+trainer state (step, scheduler, data cursor, health history, …) and per-rank RNG states.
+
+Layout: ``<run>/checkpoints/step_000010/`` holding the DCP files, ``trainer_state.pt``,
+``rng_rank<r>.pt`` and a ``COMPLETE`` marker written last, so a run killed while saving
+never resumes from a half-written checkpoint. Only the last ``keep`` are kept.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+MARKER = "COMPLETE"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, keep: int = 2):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step_{step:06d}"
+
+    def complete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step_*") if (p / MARKER).exists())
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
+        path = self.path(step)
+        rank = _rank()
+        if rank == 0 and path.exists():  # a stale partial save of the same step
+            shutil.rmtree(path)
+        _barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+        if rank == 0:
+            torch.save(trainer_state, path / "trainer_state.pt")
+        _barrier()
+        if rank == 0:
+            (path / MARKER).write_text(str(step))
+            for old in self.complete()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return path
+
+    def load(self, path: str | Path, model, optimizer) -> dict:
+        """Restore model, optimizer and this rank's RNG; returns the trainer state."""
+        path = Path(path)
+        if not (path / MARKER).exists():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        rng_file = path / f"rng_rank{_rank()}.pt"
+        if not rng_file.exists():
+            raise FileNotFoundError(f"{rng_file} missing: was the checkpoint written with a "
+                                    "different number of ranks?")
+        set_rng_state(torch.load(rng_file, weights_only=False))
+        return torch.load(path / "trainer_state.pt", weights_only=False)

@@ -1,0 +1,54 @@
+"""Training health: skip steps with a non-finite loss or a grad-norm spike; after
+``max_bad_steps`` bad steps in a row ask for a rollback (to the last checkpoint, with a
+lower learning rate). The decision is made from all-reduced values, so every rank agrees.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+
+@dataclass
+class HealthMonitor:
+    spike_factor: float = 10.0
+    window: int = 20
+    min_history: int = 5
+    max_bad_steps: int = 3
+    history: list = field(default_factory=list)  # recent healthy grad norms
+    bad_in_a_row: int = 0
+    skipped_total: int = 0
+    rollbacks: int = 0
+
+    def check(self, loss: float, grad_norm: float) -> str:
+        """Returns ``"ok"``, ``"skip:<reason>"`` or ``"rollback:<reason>"``."""
+        reason = None
+        if not math.isfinite(loss):
+            reason = "nonfinite_loss"
+        elif not math.isfinite(grad_norm):
+            reason = "nonfinite_grad"
+        elif len(self.history) >= self.min_history:
+            median = statistics.median(self.history)
+            if median > 0 and grad_norm > self.spike_factor * median:
+                reason = f"grad_spike({grad_norm:.3g}>{self.spike_factor:g}x{median:.3g})"
+        if reason is None:
+            self.bad_in_a_row = 0
+            self.history = (self.history + [grad_norm])[-self.window:]
+            return "ok"
+        self.bad_in_a_row += 1
+        self.skipped_total += 1
+        if self.bad_in_a_row >= self.max_bad_steps:
+            self.bad_in_a_row = 0
+            self.rollbacks += 1
+            return f"rollback:{reason}"
+        return f"skip:{reason}"
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "bad_in_a_row": self.bad_in_a_row,
+                "skipped_total": self.skipped_total, "rollbacks": self.rollbacks}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.history = list(d["history"])
+        self.bad_in_a_row = d["bad_in_a_row"]
+        self.skipped_total = d["skipped_total"]
+        self.rollbacks = d["rollbacks"]

@@ -1,0 +1,178 @@
+"""Response-position log-probs and the policy loss, never through full-vocabulary logits.
+
+The decoder runs without its lm_head (``model.model``), the hidden states at the positions
+that predict response tokens are gathered, and only those reach ``r1reward.kernels``.
+
+The lm_head is replaced by :class:`FusedLMHead`, an ``nn.Linear`` subclass (so state-dict
+keys, ``save_pretrained`` and HF ``generate`` are unchanged) whose forward can also take
+targets and return log-probs or the StableReinforce loss. Computing the loss *inside* the
+lm_head's forward is what lets FSDP2 hand the kernel a plain, unsharded weight: the
+``[norm, lm_head]`` FSDP unit is unsharded around that forward (see parallelize.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1reward.kernels import fused_stable_reinforce_loss, token_logprobs
+
+
+@dataclass
+class SeqBatch:
+    """Prompt + response sequences ready for a teacher-forced forward.
+
+    input_ids / attention_mask ``[B, P+R]`` (prompt left-padded, response right-padded);
+    response_ids / response_mask ``[B, R]``; vision inputs for the prompts' images.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    vision: dict  # pixel_values, image_grid_thw, mm_token_type_ids (any may be absent)
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    def select(self, idx: list[int]) -> "SeqBatch":
+        """Rows ``idx`` (micro-batches): pixel_values are split per image by its grid size."""
+        vision = {}
+        grid = self.vision.get("image_grid_thw")
+        for k, v in self.vision.items():
+            if k == "pixel_values" and grid is not None:
+                counts = grid.prod(-1).tolist()
+                starts = [0]
+                for c in counts:
+                    starts.append(starts[-1] + c)
+                vision[k] = torch.cat([v[starts[i]:starts[i + 1]] for i in idx])
+            elif torch.is_tensor(v) and v.shape[0] == len(self):
+                vision[k] = v[idx]
+            else:
+                vision[k] = v
+        return SeqBatch(self.input_ids[idx], self.attention_mask[idx], self.prompt_len,
+                        self.response_ids[idx], self.response_mask[idx], vision)
+
+    def to(self, device) -> "SeqBatch":
+        vision = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.vision.items()}
+        return SeqBatch(self.input_ids.to(device), self.attention_mask.to(device), self.prompt_len,
+                        self.response_ids.to(device), self.response_mask.to(device), vision)
+
+
+def build_seq_batch(prompt_inputs, sequences, prompt_len, response_mask) -> SeqBatch:
+    """Join generated sequences with their prompt inputs (repeated per sample if needed)."""
+    n_rows = sequences.shape[0]
+    n_prompts = prompt_inputs["input_ids"].shape[0]
+    if n_rows % n_prompts:
+        raise ValueError(f"{n_rows} sequences is not a multiple of {n_prompts} prompts")
+    reps = n_rows // n_prompts
+    prompt_mask = prompt_inputs["attention_mask"].repeat_interleave(reps, 0)
+    response_ids = sequences[:, prompt_len:]
+    response_mask = response_mask.to(prompt_mask.dtype)
+    vision = {}
+    if "image_grid_thw" in prompt_inputs and prompt_inputs["image_grid_thw"] is not None:
+        grid = prompt_inputs["image_grid_thw"]
+        if grid.shape[0] != n_prompts:
+            raise ValueError("expected exactly one image per prompt, got "
+                             f"{grid.shape[0]} images for {n_prompts} prompts")
+        pix = prompt_inputs["pixel_values"]
+        chunks = torch.split(pix, grid.prod(-1).tolist())
+        vision["pixel_values"] = torch.cat([c for c in chunks for _ in range(reps)])
+        vision["image_grid_thw"] = grid.repeat_interleave(reps, 0)
+    if prompt_inputs.get("mm_token_type_ids") is not None:
+        tt = prompt_inputs["mm_token_type_ids"].repeat_interleave(reps, 0)
+        vision["mm_token_type_ids"] = torch.cat([tt, tt.new_zeros(response_ids.shape)], 1)
+    return SeqBatch(sequences, torch.cat([prompt_mask, response_mask], 1), prompt_len,
+                    response_ids, response_mask, vision)
+
+
+def response_hidden(model: nn.Module, batch: SeqBatch) -> torch.Tensor:
+    """Final-norm hidden states ``[B, R, H]`` at the positions predicting response tokens."""
+    out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      use_cache=False, **batch.vision)
+    p = batch.prompt_len
+    return out.last_hidden_state[:, p - 1:p - 1 + batch.response_ids.shape[1]]
+
+
+class FusedLMHead(nn.Linear):
+    """lm_head that also computes response log-probs / the StableReinforce loss.
+
+    ``head(h)`` is the ordinary linear layer (HF generate). ``head(h, targets=...)`` returns
+    per-token log-probs (and entropy). ``head(h, targets=..., old_logp=..., advantages=...,
+    mask=...)`` returns ``(loss, stats)`` from ``fused_stable_reinforce_loss``.
+    """
+
+    loss_kwargs: dict = {}
+    backend: str = "auto"
+    temperature: float = 1.0
+
+    @classmethod
+    def install(cls, model: nn.Module, *, backend="auto", temperature=1.0, **loss_kwargs):
+        """Swap ``model.lm_head`` for a FusedLMHead sharing the same parameters."""
+        old = model.lm_head
+        if not isinstance(old, FusedLMHead):
+            head = cls.__new__(cls)
+            nn.Module.__init__(head)
+            head.in_features, head.out_features = old.in_features, old.out_features
+            head.weight = old.weight  # the same Parameter: ties and optimizer refs survive
+            head.bias = old.bias
+            model.lm_head = head
+        model.lm_head.backend = backend
+        model.lm_head.temperature = float(temperature)
+        model.lm_head.loss_kwargs = dict(loss_kwargs)
+        return model.lm_head
+
+    def forward(self, hidden, targets=None, *, old_logp=None, advantages=None, mask=None,
+                ref_logp=None, return_entropy=False):
+        if targets is None:
+            return F.linear(hidden, self.weight, self.bias)
+        if old_logp is None:
+            return token_logprobs(hidden, self.weight, targets, bias=self.bias,
+                                  temperature=self.temperature, return_entropy=return_entropy,
+                                  backend=self.backend)
+        return fused_stable_reinforce_loss(
+            hidden, self.weight, targets, old_logp, advantages, mask, ref_logp=ref_logp,
+            bias=self.bias, temperature=self.temperature, return_entropy=return_entropy,
+            backend=self.backend, **self.loss_kwargs)
+
+
+def micro_batches(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def sequence_logprobs(model: nn.Module, batch: SeqBatch, micro_batch_size: int,
+                      return_entropy=False):
+    """Forward-only response log-probs ``[B, R]`` (0 outside the mask), micro-batched."""
+    lps, ents = [], []
+    for idx in micro_batches(len(batch), micro_batch_size):
+        mb = batch.select(idx)
+        h = response_hidden(model, mb)
+        tgt = mb.response_ids.masked_fill(mb.response_mask == 0, -100)
+        out = model.lm_head(h, tgt, return_entropy=return_entropy)
+        lp, ent = out if return_entropy else (out, None)
+        lps.append(lp * mb.response_mask)
+        if ent is not None:
+            ents.append(ent * mb.response_mask)
+    lp = torch.cat(lps)
+    return (lp, torch.cat(ents)) if return_entropy else lp
+
+
+def policy_loss(model: nn.Module, mb: SeqBatch, old_logp, advantages, ref_logp=None,
+                return_entropy=False):
+    """StableReinforce loss on one micro-batch: decoder → response hidden → fused head."""
+    h = response_hidden(model, mb)
+    return model.lm_head(h, mb.response_ids, old_logp=old_logp, advantages=advantages,
+                         mask=mb.response_mask, ref_logp=ref_logp, return_entropy=return_entropy)
+
+
+def sft_loss(model: nn.Module, mb: SeqBatch):
+    """Mean token NLL of the response (teacher forcing), through the fused log-prob path."""
+    h = response_hidden(model, mb)
+    tgt = mb.response_ids.masked_fill(mb.response_mask == 0, -100)
+    lp = model.lm_head(h, tgt)
+    m = mb.response_mask.to(lp.dtype)
+    return -(lp * m).sum() / m.sum().clamp_min(1.0)
