@@ -1,0 +1,222 @@
+"""Cold-start SFT: teach the ``<think>…</think><answer>N</answer>`` format before RL.
+
+``python -m r1reward.sft --model DIR --data FILE.jsonl --output DIR`` trains on
+release-format records that carry the target judgment in a ``response`` field (real
+long-CoT data); without ``--data`` it uses templated analyses of the generated set
+(``r1reward.data.templated_analysis``). The result is a Hugging Face directory.
+
+:func:`cold_start` is what the trainer calls: it caches the result under
+``<cache>/sft/<hash of model, examples, settings>`` so a second run reuses it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from r1reward.config import SFTConfig
+from r1reward.data import PreferencePair, load_pairs, templated_analysis
+from r1reward.logprobs import FusedLMHead, SeqBatch, build_seq_batch, sft_loss
+
+SFT_VERSION = 1  # bump when the recipe changes, so stale caches are not reused
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("R1REWARD_CACHE", Path.home() / ".cache" / "r1reward"))
+
+
+def templated_examples(pairs: list[PreferencePair], n: int, seed: int
+                       ) -> list[tuple[PreferencePair, str]]:
+    """A seeded subset of ``n`` pairs, every other one swapped, with templated targets."""
+    rng = random.Random(f"sft-{seed}")
+    chosen = rng.sample(pairs, min(n, len(pairs))) if n > 0 else list(pairs)
+    shown = [p.swapped() if i % 2 else p for i, p in enumerate(chosen)]
+    return [(p, templated_analysis(p)) for p in shown]
+
+
+def load_sft_file(path: str | Path) -> tuple[list[tuple[PreferencePair, str]], list[str]]:
+    """Release-format records + ``response`` (the target judgment). Returns (examples,
+    skipped reasons); lines without a usable ``response`` are skipped with the line named."""
+    path = Path(path)
+    loaded = load_pairs(path)
+    skipped = [r for _, r in loaded.skipped]
+    targets = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # already reported by load_pairs
+            if not isinstance(rec, dict):
+                continue
+            rid = str(rec.get("id", f"line-{line_no}"))
+            resp = rec.get("response")
+            if isinstance(resp, str) and resp.strip():
+                targets[rid] = resp.strip()
+            else:
+                skipped.append(f"{path}:{line_no}: field 'response' missing or empty "
+                               "(the SFT target judgment)")
+    examples = [(p, targets[p.id]) for p in loaded.pairs if p.id in targets]
+    if not examples:
+        raise ValueError(f"{path}: no usable SFT examples ({len(skipped)} skipped: "
+                         f"{skipped[:3]})")
+    return examples, skipped
+
+
+def end_of_turn_id(tokenizer) -> int:
+    tid = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if tid is None or tid == tokenizer.unk_token_id:
+        tid = tokenizer.eos_token_id
+    if tid is None:
+        raise ValueError("tokenizer has neither <|im_end|> nor an eos token to end a turn")
+    return tid
+
+
+def make_batch(processor, examples: list[tuple[PreferencePair, str]], device) -> SeqBatch:
+    """Prompt (chat template, left-padded) + target tokens and end-of-turn (right-padded)."""
+    from r1reward.generation import build_prompt_inputs
+    prompt = build_prompt_inputs(processor, [p for p, _ in examples], device)
+    tok = processor.tokenizer
+    eot = end_of_turn_id(tok)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [eot] for _, t in examples]
+    width = max(map(len, ids))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eot
+    resp = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        resp[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    seqs = torch.cat([prompt["input_ids"], resp.to(device)], 1)
+    return build_seq_batch(prompt, seqs, prompt["input_ids"].shape[1], mask.to(device))
+
+
+def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=print) -> list[float]:
+    """Plain AdamW SFT (cosine LR) on the fused log-prob path; returns per-step losses."""
+    FusedLMHead.install(model, backend="auto")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / max(cfg.steps, 1))))
+    order: list[int] = []
+    losses = []
+    model.train()
+    for step in range(cfg.steps):
+        if len(order) < cfg.batch_size:
+            perm = list(range(len(examples)))
+            rng.shuffle(perm)
+            order += perm
+        idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        batch = make_batch(processor, [examples[i] for i in idx], device)
+        loss = sft_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if log and (step % 10 == 0 or step == cfg.steps - 1):
+            log(f"sft step {step + 1}/{cfg.steps} loss {losses[-1]:.4f}")
+    model.eval()
+    return losses
+
+
+def _file_digest(path: Path, h) -> None:
+    st = path.stat()
+    h.update(f"{path.name}:{st.st_size}".encode())
+    if st.st_size < 200 * 2**20:  # hash small files fully; big shards by name/size/mtime
+        h.update(path.read_bytes())
+    else:
+        h.update(str(st.st_mtime_ns).encode())
+
+
+def cache_key(model_dir: Path, examples, cfg: SFTConfig, seed: int) -> str:
+    h = hashlib.sha256(f"v{SFT_VERSION}|{seed}|{json.dumps(vars(cfg), sort_keys=True)}".encode())
+    for f in sorted(Path(model_dir).iterdir()):
+        if f.is_file():
+            _file_digest(f, h)
+    for p, t in examples:
+        h.update(json.dumps([p.question, p.response_1, p.response_2, p.preferred, t]).encode())
+        _file_digest(Path(p.image), h)
+    return h.hexdigest()[:16]
+
+
+def cold_start(model_dir, examples, cfg: SFTConfig, seed: int = 0, log=print,
+               cache: Path | None = None) -> tuple[Path, dict]:
+    """SFT ``model_dir`` on ``examples`` once; returns (HF dir of the result, info)."""
+    from r1reward.model import load_model_and_processor
+    from r1reward.tiny import default_model_dir
+    model_dir = Path(model_dir) if model_dir else default_model_dir()
+    key = cache_key(model_dir, examples, cfg, seed)
+    out = (cache or cache_root()) / "sft" / key
+    info_file = out / "sft_info.json"
+    if info_file.exists():
+        info = json.loads(info_file.read_text())
+        info["cached"] = True
+        log(f"cold-start SFT: reusing cached {out}")
+        return out, info
+    t0 = time.time()
+    model, processor = load_model_and_processor(model_dir)
+    losses = train_sft(model, processor, examples, cfg, seed=seed, log=log)
+    from r1reward.export import export_hf
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    export_hf(model, processor, tmp)
+    info = {"key": key, "base_model": str(model_dir), "examples": len(examples),
+            "steps": cfg.steps, "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None, "seconds": time.time() - t0}
+    (tmp / "sft_info.json").write_text(json.dumps(info, indent=2))
+    if out.exists():  # another process finished first: keep theirs
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(out)  # atomic: a half-written cache is never picked up
+    info["cached"] = False
+    return out, info
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m r1reward.sft", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="local HF checkpoint dir (default: embedded tiny)")
+    p.add_argument("--data", default=None,
+                   help="release-format JSONL with a 'response' field (default: templated "
+                        "analyses of the generated set)")
+    p.add_argument("--output", required=True, help="where to write the SFT'd HF checkpoint")
+    d = SFTConfig()
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--n-examples", type=int, default=d.n_examples)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    cfg = SFTConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_examples=a.n_examples)
+    if a.data:
+        examples, skipped = load_sft_file(a.data)
+        for s in skipped:
+            print(f"skipped {s}")
+        if a.n_examples > 0:
+            examples = examples[:a.n_examples]
+    else:
+        from r1reward.data import generate_dataset
+        train_file, _ = generate_dataset(cache_root() / "data" / "default", 256, 64, seed=0)
+        examples = templated_examples(load_pairs(train_file, strict=True).pairs, cfg.n_examples,
+                                      a.seed)
+    from r1reward.export import export_hf
+    from r1reward.model import load_model_and_processor
+    model, processor = load_model_and_processor(a.model)
+    losses = train_sft(model, processor, examples, cfg, seed=a.seed)
+    export_hf(model, processor, a.output)
+    print(json.dumps({"output": a.output, "examples": len(examples), "first_loss": losses[0],
+                      "final_loss": losses[-1]}))
+
+
+if __name__ == "__main__":
+    main()
