@@ -1,0 +1,138 @@
+"""Wrap a backend's plain-tensor kernels as ``torch.library`` custom ops.
+
+Why: ``torch.compile`` would otherwise trace into the chunk loops (data-dependent
+``nonzero``/``.item()`` → graph breaks) or give up on an ``autograd.Function``. As custom
+ops with a fake (shape-only) implementation and a registered autograd formula, each
+entry point is one opaque node, so ``torch.compile(fullgraph=True)`` works and eager
+behaviour is unchanged.
+
+:func:`make_backend` takes three implementations with the signatures of
+``torch_chunked.token_logprobs_fwd_impl``, ``token_logprobs_bwd_impl`` and
+``fused_loss_impl`` and returns the two backend entry points ``functional.py`` calls.
+Any backend (e.g. Triton) can reuse it with its own impls and a different ``name``.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .loss_math import LossSettings
+
+NAMESPACE = "r1reward"
+
+
+def _needs(t):
+    return t is not None and t.requires_grad and torch.is_grad_enabled()
+
+
+def _settings_args(s: LossSettings):
+    return ([] if s.preclip is None else list(s.preclip), list(s.clip_eps), s.dual_clip,
+            float(s.kl_coef), s.kl_estimator)
+
+
+def make_backend(name, lp_fwd_impl, lp_bwd_impl, fused_impl):
+    """Register ``r1reward::{name}_*`` ops; return ``(token_logprobs, fused_loss)``."""
+
+    # ---- token log-probs: forward op, backward op, autograd glue -------------------
+    @torch.library.custom_op(f"{NAMESPACE}::{name}_token_logprobs", mutates_args=())
+    def lp_fwd(h: Tensor, w: Tensor, t: Tensor, bias: Optional[Tensor], temperature: float,
+               ignore_index: int, return_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return lp_fwd_impl(h, w, t, bias, temperature, ignore_index, return_entropy)
+
+    @lp_fwd.register_fake
+    def _(h, w, t, bias, temperature, ignore_index, return_entropy):
+        n = h.shape[0]
+        f32 = dict(dtype=torch.float32)
+        return h.new_empty(n, **f32), h.new_empty(n, **f32), h.new_empty(n if return_entropy else 0, **f32)
+
+    @torch.library.custom_op(f"{NAMESPACE}::{name}_token_logprobs_bwd", mutates_args=())
+    def lp_bwd(grad_lp: Tensor, h: Tensor, w: Tensor, t: Tensor, bias: Optional[Tensor],
+               lse: Tensor, temperature: float, ignore_index: int, need_dh: bool,
+               need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return lp_bwd_impl(grad_lp, h, w, t, bias, lse, temperature, ignore_index,
+                           need_dh, need_dw, need_db)
+
+    @lp_bwd.register_fake
+    def _(grad_lp, h, w, t, bias, lse, temperature, ignore_index, need_dh, need_dw, need_db):
+        return (h.new_empty(h.shape if need_dh else (0,)),
+                w.new_empty(w.shape if need_dw else (0,)),
+                h.new_empty(0) if bias is None or not need_db else bias.new_empty(bias.shape))
+
+    def lp_setup(ctx, inputs, output):
+        h, w, t, bias, temperature, ignore_index, _ = inputs
+        ctx.save_for_backward(h, w, t, bias, output[1])
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def lp_backward(ctx, g_lp, g_lse, g_ent):
+        h, w, t, bias, lse = ctx.saved_tensors
+        nh, nw, nb = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        dh, dw, db = lp_bwd(g_lp, h, w, t, bias, lse, ctx.temperature, ctx.ignore_index,
+                            nh, nw, nb and bias is not None)
+        return (dh if nh else None, dw if nw else None, None,
+                db if nb and bias is not None else None, None, None, None)
+
+    lp_fwd.register_autograd(lp_backward, setup_context=lp_setup)
+
+    def token_logprobs(h, weight, targets, *, bias, temperature, ignore_index, return_entropy):
+        lp, _, ent = lp_fwd(h, weight, targets, bias, float(temperature), int(ignore_index),
+                            bool(return_entropy))
+        return lp, (ent if return_entropy else None)
+
+    # ---- fused loss: gradients computed in the forward, backward only scales them ----
+    @torch.library.custom_op(f"{NAMESPACE}::{name}_fused_loss", mutates_args=())
+    def fused(h: Tensor, w: Tensor, t: Tensor, old_lp: Tensor, adv: Tensor,
+              ref_lp: Optional[Tensor], tok_weight: Tensor, valid: Tensor,
+              bias: Optional[Tensor], temperature: float, preclip: list[float],
+              clip_eps: list[float], dual_clip: Optional[float], kl_coef: float,
+              kl_estimator: str, return_entropy: bool, filter_eps: Optional[float],
+              need_dh: bool, need_dw: bool, need_db: bool
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        s = LossSettings(preclip=tuple(preclip) if preclip else None, clip_eps=tuple(clip_eps),
+                         dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator)
+        return fused_impl(h, w, t, old_lp, adv, ref_lp, tok_weight, valid, bias, temperature,
+                          s, return_entropy, filter_eps, need_dh, need_dw, need_db)
+
+    @fused.register_fake
+    def _(h, w, t, old_lp, adv, ref_lp, tok_weight, valid, bias, temperature, preclip,
+          clip_eps, dual_clip, kl_coef, kl_estimator, return_entropy, filter_eps,
+          need_dh, need_dw, need_db):
+        n = h.shape[0]
+        f32 = dict(dtype=torch.float32)
+        return (h.new_empty((), **f32), h.new_empty(n, **f32),
+                h.new_empty(n if return_entropy else 0, **f32),
+                h.new_empty(h.shape if need_dh else (0,)),
+                w.new_empty(w.shape if need_dw else (0,)),
+                h.new_empty(0) if bias is None or not need_db else bias.new_empty(bias.shape))
+
+    def fused_setup(ctx, inputs, output):
+        ctx.has_bias = inputs[8] is not None
+        ctx.save_for_backward(*output[3:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    def fused_backward(ctx, g_loss, *_):
+        dh, dw, db = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        # The stored grads are d(loss)/d(input); the chain rule only rescales them.
+        return ((dh * g_loss).to(dh.dtype) if need[0] else None,
+                (dw * g_loss).to(dw.dtype) if need[1] else None,
+                None, None, None, None, None, None,
+                (db * g_loss).to(db.dtype) if need[8] and ctx.has_bias else None,
+                ) + (None,) * 11
+
+    fused.register_autograd(fused_backward, setup_context=fused_setup)
+
+    def fused_loss(h, weight, targets, old_lp, adv, ref_lp, tok_weight, valid, *, bias,
+                   temperature, settings, return_entropy, filter_eps):
+        preclip, clip_eps, dual_clip, kl_coef, kl_est = _settings_args(settings)
+        loss, lp, ent, _, _, _ = fused(
+            h, weight, targets, old_lp, adv, ref_lp, tok_weight, valid, bias,
+            float(temperature), preclip, clip_eps, dual_clip, kl_coef, kl_est,
+            bool(return_entropy), None if filter_eps is None else float(filter_eps),
+            _needs(h), _needs(weight), _needs(bias))
+        return loss, lp, (ent if return_entropy else None)
+
+    return token_logprobs, fused_loss
+
+
+__all__ = ["make_backend", "NAMESPACE"]
