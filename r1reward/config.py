@@ -128,6 +128,7 @@ class JobConfig:
     seed: int = 0
     log_every: int = 1
     progress: bool = True
+    stop_after: int = 0  # testing: stop after this step as if killed (0 = never)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
