@@ -12,8 +12,14 @@ import torch
 from .loss_math import (DEFAULT_PRECLIP, LossSettings, broadcast_advantages, loss_and_grad,
                         loss_stats, per_token_loss, token_weights)
 
+from . import reference as _reference
+from . import torch_chunked as _torch_chunked
+
 BACKENDS = ("auto", "triton", "torch", "reference")
 _MODULES = {"triton": ".triton_ops", "torch": ".torch_chunked", "reference": ".reference"}
+# Backends without optional dependencies are imported up front: torch.compile cannot trace
+# importlib.import_module, so a lazy import inside a compiled function would break the graph.
+_LOADED = {"torch": _torch_chunked, "reference": _reference}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -41,7 +47,10 @@ def _interpreting() -> bool:
 
 
 def _backend_module(name: str):
-    return importlib.import_module(_MODULES[name], __package__)
+    mod = _LOADED.get(name)
+    if mod is None:
+        mod = _LOADED[name] = importlib.import_module(_MODULES[name], __package__)
+    return mod
 
 
 def _check_plain_tensors(**tensors):

@@ -170,7 +170,8 @@ def loss_stats(lp, old_lp, ref_lp, valid, parts, entropy=None) -> dict[str, torc
     """Detached per-batch statistics over valid tokens (0-dim tensors: no host sync)."""
     with torch.no_grad():
         v = valid.to(torch.float32)
-        n = v.sum().clamp_min(1.0)
+        n_valid = v.sum()
+        n = n_valid.clamp_min(1.0)
 
         def mean(x):
             return (x.float() * v).sum() / n
@@ -182,7 +183,9 @@ def loss_stats(lp, old_lp, ref_lp, valid, parts, entropy=None) -> dict[str, torc
             "preclip_frac": mean(~parts["in_band"]),
             "clip_frac": mean(parts["ppo_clipped"]),
             "ratio_mean": mean(ratio),
-            "ratio_max": torch.where(valid, ratio, neg_inf).max() if valid.any() else ratio.new_zeros(()),
+            # No Python branch on valid.any(): that would sync and break torch.compile graphs.
+            "ratio_max": torch.where(n_valid > 0, torch.where(valid, ratio, neg_inf).amax()
+                                     if ratio.numel() else ratio.new_zeros(()), ratio.new_zeros(())),
             # k3 estimate of KL(π_old ‖ π) from samples of π_old, on the unclipped ratio.
             "approx_kl": mean(torch.expm1(d_raw.clamp(max=20.0)) - d_raw),
             "valid_tokens": v.sum(),
