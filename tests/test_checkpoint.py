@@ -1,0 +1,78 @@
+"""DCP checkpoints: exact continuation, keep-last-k, incomplete checkpoints ignored."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from r1reward.checkpoint import MARKER, Checkpointer
+from r1reward.health import HealthMonitor
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, opt
+
+
+def _train(model, opt, steps):
+    trace = []
+    for _ in range(steps):
+        x = torch.randn(4, 6)  # draws from the global RNG: restoring it matters
+        noise = random.random() + np.random.rand()
+        loss = (model(x) ** 2).mean() + 0 * noise
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        trace.append((loss.item(), noise))
+    return trace
+
+
+def test_resume_continues_exactly(tmp_path):
+    torch.manual_seed(1); random.seed(1); np.random.seed(1)
+    model, opt = _setup()
+    full = _train(model, opt, 6)
+    final = [p.detach().clone() for p in model.parameters()]
+
+    torch.manual_seed(1); random.seed(1); np.random.seed(1)
+    model, opt = _setup()
+    first = _train(model, opt, 3)
+    ck = Checkpointer(tmp_path, keep=2)
+    ck.save(3, model, opt, {"step": 3, "cursor": 12})
+    _train(model, opt, 2)  # work after the checkpoint that a kill would lose
+
+    model2, opt2 = _setup(seed=99)  # a fresh process: different init, empty optimizer
+    state = ck.load(ck.latest(), model2, opt2)
+    assert state == {"step": 3, "cursor": 12}
+    rest = _train(model2, opt2, 3)
+    assert first + rest == full
+    for a, b in zip(final, model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_keep_last_k_and_incomplete_ignored(tmp_path):
+    model, opt = _setup()
+    _train(model, opt, 1)
+    ck = Checkpointer(tmp_path, keep=2)
+    for s in (1, 2, 3):
+        ck.save(s, model, opt, {"step": s})
+    assert [p.name for p in ck.complete()] == ["step_000002", "step_000003"]
+    (ck.path(3) / MARKER).unlink()  # as if killed while writing step 3
+    assert ck.latest() == ck.path(2)
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ck.load(ck.path(3), model, opt)
+
+
+def test_health_skip_spike_and_rollback():
+    h = HealthMonitor(spike_factor=10, window=10, min_history=3, max_bad_steps=2)
+    for g in (1.0, 1.2, 0.9, 1.1):
+        assert h.check(0.5, g) == "ok"
+    assert h.check(0.5, 50.0).startswith("skip:grad_spike")
+    assert h.check(0.5, 2.0) == "ok"  # a healthy step resets the streak
+    assert h.check(float("nan"), 1.0) == "skip:nonfinite_loss"
+    assert h.check(0.5, float("inf")).startswith("rollback:nonfinite_grad")
+    assert (h.skipped_total, h.rollbacks) == (3, 1)
+    h2 = HealthMonitor()
+    h2.load_state_dict(h.state_dict())
+    assert h2.state_dict() == h.state_dict()
