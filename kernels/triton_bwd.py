@@ -28,22 +28,26 @@ import triton
 import triton.language as tl
 
 # Why these: the dz tile (64×128 fp32) is 32 registers/thread at 8 warps and the two
-# partial products (64×64 and 128×64 fp32) are reused across the H loop; bf16 operand
-# tiles are 24 KB per stage. GROUP=8 row blocks per W tile as in CCE. Checked for no
-# spills by kernels/compile_gate.py on sm_80 and sm_90.
+# partial products (dz·W: 64×BLOCK_H, dzᵀ·h: 128×BLOCK_H, fp32) live next to it; GROUP=8
+# row blocks per W tile as in CCE. Measured with the compile gate: BLOCK_H=64 spills on
+# sm_80 (255 regs + 56 B stack) but not on sm_90 (160 regs, wgmma keeps accumulators
+# leaner), so sm_80 uses BLOCK_H=32; fp32 operands need smaller tiles on both.
 BWD_CONFIGS = {
-    80: dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, GROUP=8, num_warps=8, num_stages=3),
-    90: dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, GROUP=8, num_warps=8, num_stages=3),
+    (80, "16bit"): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, GROUP=8, num_warps=8, num_stages=3),
+    (90, "16bit"): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, GROUP=8, num_warps=8, num_stages=3),
+    (80, "fp32"): dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=32, GROUP=8, num_warps=8, num_stages=3),
+    (90, "fp32"): dict(BLOCK_N=32, BLOCK_V=128, BLOCK_H=32, GROUP=8, num_warps=8, num_stages=3),
 }
 INTERPRET_BWD_CONFIG = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP=2, num_warps=1,
                             num_stages=1)
 
 
-def bwd_config(cc: int | None) -> dict:
-    """Config for compute capability ``cc`` (e.g. 80, 90); ``None`` = interpreter."""
+def bwd_config(cc: int | None, dtype: torch.dtype) -> dict:
+    """Config for compute capability ``cc`` (80, 90, ...; ``None`` = interpreter)."""
     if cc is None:
         return dict(INTERPRET_BWD_CONFIG)
-    return dict(BWD_CONFIGS[90 if cc >= 90 else 80])
+    width = "fp32" if dtype == torch.float32 else "16bit"
+    return dict(BWD_CONFIGS[(90 if cc >= 90 else 80, width)])
 
 
 @triton.jit

@@ -25,14 +25,17 @@ import torch
 import triton
 import triton.language as tl
 
-# Block configs per target. Why these: a 64×128 fp32 logit tile is 32 registers/thread
-# at 8 warps, the bf16 operand tiles (64×64 + 128×64)·2 B = 24 KB per pipeline stage, so
-# 3 stages fit comfortably in shared memory on sm_80 (163 KB) and sm_90 (227 KB); the
-# compile gate (kernels/compile_gate.py) checks no spills for exactly these. fp32
-# inputs double the operand bytes, still < 100 KB with 3 stages.
+# Block configs per (target, operand width). Why these: a 64×128 fp32 logit tile is 32
+# registers/thread at 8 warps and the bf16 operand tiles (64×64 + 128×64)·2 B = 24 KB per
+# pipeline stage, so 3 stages fit easily in shared memory on sm_80 (163 KB) and sm_90
+# (227 KB). fp32 operands double register pressure on sm_80 (no wgmma): 64×128×64 spilled
+# there (cuobjdump STACK 248 B), so sm_80/fp32 uses 64×64×32. The compile gate
+# (kernels/compile_gate.py) checks exactly these for spills, registers and shared memory.
 FWD_CONFIGS = {
-    80: dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
-    90: dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    (80, "16bit"): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    (90, "16bit"): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    (80, "fp32"): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=8, num_stages=3),
+    (90, "fp32"): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
 }
 # The combine/epilogue kernel is elementwise over rows.
 COMBINE_CONFIG = dict(BLOCK=256, num_warps=4, num_stages=1)
@@ -45,11 +48,15 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 KL_MODES = {None: 0, "k1": 1, "k2": 2, "k3": 3}
 
 
-def fwd_config(cc: int | None) -> dict:
-    """Config for compute capability ``cc`` (e.g. 80, 90); ``None`` = interpreter."""
+def width_key(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def fwd_config(cc: int | None, dtype: torch.dtype) -> dict:
+    """Config for compute capability ``cc`` (80, 90, ...; ``None`` = interpreter)."""
     if cc is None:
         return dict(INTERPRET_FWD_CONFIG)
-    return dict(FWD_CONFIGS[90 if cc >= 90 else 80])
+    return dict(FWD_CONFIGS[(90 if cc >= 90 else 80, width_key(dtype))])
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -45,14 +45,14 @@ def _cc(device: torch.device) -> int | None:
 
 
 def _fwd_kwargs(h: Tensor) -> dict:
-    cfg = _override.get("fwd") or triton_fwd.fwd_config(_cc(h.device))
+    cfg = _override.get("fwd") or triton_fwd.fwd_config(_cc(h.device), h.dtype)
     sm = (torch.cuda.get_device_properties(h.device).multi_processor_count
           if h.device.type == "cuda" else None)
     return dict(config=cfg, splits=_override.get("splits"), sm_count=sm)
 
 
 def _bwd_cfg(h: Tensor) -> dict:
-    return _override.get("bwd") or triton_bwd.bwd_config(_cc(h.device))
+    return _override.get("bwd") or triton_bwd.bwd_config(_cc(h.device), h.dtype)
 
 
 def _prep(h, weight, bias, targets, active):

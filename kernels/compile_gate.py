@@ -1,0 +1,191 @@
+"""Compile gate: build every Triton kernel for sm_80 / sm_90 without a GPU and check
+register, shared-memory and spill figures from ``cuobjdump --dump-resource-usage``.
+
+The kernels are compiled with ``triton.compile(ASTSource(...), target=GPUTarget(...))``
+using exactly the block configs the launchers use (``FWD_CONFIGS``, ``COMBINE_CONFIG``,
+``BWD_CONFIGS``). Argument specialisation mirrors the runtime JIT for a typical call:
+pointers and the H-sized ints/strides divisible by 16.
+
+The kernel modules are loaded from their files as private modules with the interpreter
+forced off: a test session may already hold interpreted copies (TRITON_INTERPRET=1
+decorates kernels at import time), which ASTSource cannot compile.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # explicit: silences triton's warning
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+_HERE = Path(__file__).resolve().parent
+# Per-SM limits: dynamic shared memory per block and registers per thread.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+MAX_REGS = 255
+TARGETS = (80, 90)
+_TL = {"bf16": "bf16", "fp32": "fp32"}
+_TORCH = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def load_kernel_module(name: str):
+    """Import ``kernels/<name>.py`` fresh with TRITON_INTERPRET off (real JITFunctions)."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        spec = importlib.util.spec_from_file_location(f"_r1r_gate_{name}", _HERE / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return mod
+
+
+@dataclass
+class KernelCase:
+    name: str
+    fn: object
+    types: dict  # arg name -> triton type string, for the non-constexpr args
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    divisible: tuple = ()  # arg names specialised as divisible by 16
+
+
+def _float_args(*names):
+    return {n: "fp32" for n in names}
+
+
+def cases(cc: int, dtypes=("bf16", "fp32")) -> list[KernelCase]:
+    """Every kernel variant the launchers can start, with that target's config."""
+    fwd = load_kernel_module("triton_fwd")
+    bwd = load_kernel_module("triton_bwd")
+    cc_cfg = fwd.COMBINE_CONFIG
+    out = []
+    for dt in dtypes:
+        t = _TL[dt]
+        fc, bc = fwd.fwd_config(cc, _TORCH[dt]), bwd.bwd_config(cc, _TORCH[dt])
+        prec = "ieee" if dt == "fp32" else "tf32"
+        ptypes = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "rows_ptr": "*i64",
+                  "tgt_ptr": "*i64", "part_ptr": "*fp32", "n_rows": "i32", "V": "i32",
+                  "H": "i32", "stride_h": "i32", "stride_w": "i32", "inv_temp": "fp32",
+                  "tiles_per_split": "i32"}
+        blocks = {k: fc[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
+        for label, bias, ent in (("forward", True, True), ("forward-plain", False, False)):
+            out.append(KernelCase(
+                f"{label}[{dt}]", fwd._fwd_partial_kernel, ptypes,
+                dict(HAS_BIAS=bias, ENTROPY=ent, DOT_PREC=prec, **blocks),
+                fc["num_warps"], fc["num_stages"],
+                divisible=("h_ptr", "w_ptr", "b_ptr", "rows_ptr", "tgt_ptr", "part_ptr", "H",
+                           "stride_h", "stride_w")))
+        btypes = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "rows_ptr": "*i64",
+                  "tgt_ptr": "*i64", "g_ptr": "*fp32", "lse_ptr": "*fp32", "dh_ptr": "*fp32",
+                  "dw_ptr": "*fp32", "db_ptr": "*fp32", "n_rows": "i32", "V": "i32", "H": "i32",
+                  "stride_h": "i32", "stride_w": "i32", "stride_dh": "i32", "stride_dw": "i32",
+                  **_float_args("inv_temp", "filter_eps")}
+        bblocks = {k: bc[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "GROUP")}
+        for label, filt in (("backward", False), ("backward-filtered", True)):
+            out.append(KernelCase(
+                f"{label}[{dt}]", bwd._bwd_kernel, btypes,
+                dict(HAS_BIAS=True, NEED_DH=True, NEED_DW=True, NEED_DB=True, FILTER=filt,
+                     DOT_PREC=prec, **bblocks),
+                bc["num_warps"], bc["num_stages"],
+                divisible=("h_ptr", "w_ptr", "b_ptr", "rows_ptr", "tgt_ptr", "g_ptr", "lse_ptr",
+                           "dh_ptr", "dw_ptr", "db_ptr", "H", "stride_h", "stride_w",
+                           "stride_dh", "stride_dw")))
+    ctypes = {"part_ptr": "*fp32", "rows_ptr": "*i64", "n_rows": "i32", "n_splits": "i32",
+              **{p: "*fp32" for p in ("lp_ptr", "lse_ptr", "ent_ptr", "old_ptr", "adv_ptr",
+                                      "ref_ptr", "tw_ptr", "loss_ptr", "g_ptr")},
+              **_float_args("pc_lo", "pc_hi", "clip_lo", "clip_hi", "dual_c", "kl_coef")}
+    for label, flags in (
+            ("combine-logprobs", dict(STORE_LSE=True, ENTROPY=True, FUSED=False, PRECLIP=False,
+                                      DUAL=False, KL_MODE=0)),
+            ("combine-forward-only", dict(STORE_LSE=False, ENTROPY=False, FUSED=False,
+                                          PRECLIP=False, DUAL=False, KL_MODE=0)),
+            ("combine-fused-epilogue", dict(STORE_LSE=True, ENTROPY=True, FUSED=True,
+                                            PRECLIP=True, DUAL=True, KL_MODE=3))):
+        out.append(KernelCase(label, fwd._fwd_combine_kernel, ctypes,
+                              dict(BLOCK=cc_cfg["BLOCK"], **flags), cc_cfg["num_warps"],
+                              cc_cfg["num_stages"]))
+    return out
+
+
+def compile_case(case: KernelCase, cc: int):
+    """``triton.compile`` for ``sm_<cc>``; returns the CompiledKernel."""
+    fn = case.fn
+    missing = [a for a in fn.arg_names if a not in case.types and a not in case.constexprs]
+    if missing:
+        raise KeyError(f"{case.name}: no type/constexpr given for kernel args {missing}")
+    signature = {a: ("constexpr" if a in case.constexprs else case.types[a]) for a in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in case.divisible}
+    src = ASTSource(fn=fn, signature=signature, constexprs=case.constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                          options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
+
+
+def cuobjdump_path() -> Path:
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+_FIELD = re.compile(r"\b(REG|STACK|SHARED|LOCAL|CONSTANT\[\d+\]|TEXTURE|SURFACE|SAMPLER):(\d+)")
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Parse ``cuobjdump --dump-resource-usage`` of one cubin into {REG, STACK, SHARED, LOCAL}."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "kernel.cubin"
+        path.write_bytes(cubin)
+        res = subprocess.run([str(cuobjdump_path()), "--dump-resource-usage", str(path)],
+                             capture_output=True, text=True, check=True)
+    fields = {k: int(v) for k, v in _FIELD.findall(res.stdout)}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        if key not in fields:
+            raise RuntimeError(f"cuobjdump output lacks {key}:\n{res.stdout}")
+    return fields
+
+
+@dataclass
+class GateRow:
+    kernel: str
+    cc: int
+    regs: int
+    shared_static: int
+    shared_dynamic: int  # what the launch asks for (pipelining buffers live here)
+    local: int
+    stack: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def problems(self) -> list[str]:
+        p = []
+        if self.local > 0 or self.stack > 0:
+            p.append(f"spills (LOCAL={self.local}, STACK={self.stack})")
+        if self.regs > MAX_REGS:
+            p.append(f"{self.regs} registers > {MAX_REGS}")
+        smem = self.shared_static + self.shared_dynamic
+        if smem > SMEM_LIMIT[self.cc]:
+            p.append(f"shared memory {smem} B > sm_{self.cc} limit {SMEM_LIMIT[self.cc]} B")
+        return p
+
+
+def run_gate(targets=TARGETS, dtypes=("bf16", "fp32")) -> list[GateRow]:
+    rows = []
+    for cc in targets:
+        for case in cases(cc, dtypes):
+            k = compile_case(case, cc)
+            use = resource_usage(k.asm["cubin"])
+            rows.append(GateRow(case.name, cc, use["REG"], use["SHARED"], int(k.metadata.shared),
+                                use["LOCAL"], use["STACK"], case.num_warps, case.num_stages))
+    return rows
