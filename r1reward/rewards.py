@@ -375,11 +375,14 @@ class _HFGreedy:
     @torch.no_grad()
     def generate_texts(self, prompts: Sequence[str]) -> list[str]:
         tok = getattr(self.processor, "tokenizer", self.processor)
-        tok.padding_side = "left"  # generation appends on the right
         chats = [self.processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "text", "text": p}]}],
             tokenize=False, add_generation_prompt=True) for p in prompts]
-        inputs = tok(chats, return_tensors="pt", padding=True).to(self.model.device)
+        side, tok.padding_side = tok.padding_side, "left"  # generation appends on the right
+        try:
+            inputs = tok(chats, return_tensors="pt", padding=True).to(self.model.device)
+        finally:
+            tok.padding_side = side  # the processor may be shared with other code
         out = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens,
                                   pad_token_id=tok.pad_token_id)
         return tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

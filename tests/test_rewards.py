@@ -204,6 +204,36 @@ def test_local_judge_with_fake_generator():
         LocalJudge(object())
 
 
+
+def _tiny_lm_always_saying(word):
+    """A 1-layer Qwen2 LM whose greedy output is always token 0 (= ``word``): zeroing the
+    final norm makes every logit 0 and argmax picks the first id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    words = [word, "no" if word == "yes" else "yes", "<pad>", "<eos>", "[UNK]", "response"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                     unk_token="[UNK]")
+    hf_tok.chat_template = "{% for m in messages %}{{ m['content'][0]['text'] }}{% endfor %}"
+    cfg = Qwen2Config(vocab_size=len(words), hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      pad_token_id=2, eos_token_id=3)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    return model, hf_tok
+
+
+@pytest.mark.parametrize("word,verdict", [("yes", 1), ("no", -1)])
+def test_local_judge_with_a_real_hf_model(word, verdict):
+    model, tok = _tiny_lm_always_saying(word)
+    tok.padding_side = "right"
+    samples = [JudgeSample(_resp(2), 2), JudgeSample("<think>short</think><answer>1</answer>", 1)]
+    assert LocalJudge(model, tok, max_new_tokens=2).judge(samples) == [verdict, verdict]
+    assert tok.padding_side == "right"  # the caller's tokenizer is left as it was
+
 # ---------------------------------------------------------------------------------------
 # OpenAIJudge against a real HTTP server on loopback. The analysis names a scripted case;
 # the server answers per case and per attempt, and records every request.
