@@ -151,7 +151,7 @@ _BEST_IS = re.compile(rf"\b(?:{_GOOD}|more\s+(?:{_QUAL}))\s+(?:\w+\s+){{0,2}}?"
                       r"(?:is|would be|:)\s+R([12])\b")
 _FINAL_IS = re.compile(r"\b(?:answer|choice|verdict|decision)\s+(?:is|would be|should be|:)\s*R?([12])\b")
 # In "X, but Y" the clause after the contrast word carries the conclusion.
-_CONTRAST = re.compile(r"\b(?:but|however|yet|nevertheless|nonetheless|still)\b")
+_CONTRAST = re.compile(r"\b(?:but|however|nevertheless|nonetheless)\b")
 
 
 def _normalize_refs(sentence: str) -> str:
@@ -187,14 +187,16 @@ def _clause_votes(s: str) -> set[int]:
 
 def sentence_vote(sentence: str) -> int:
     """Which response (1 or 2) one sentence argues for; 0 if none or contradictory."""
-    clauses = _CONTRAST.split(_normalize_refs(sentence))
-    for clause in reversed(clauses):
+    s = _normalize_refs(sentence)
+    for clause in reversed(_CONTRAST.split(s)):
         votes = _clause_votes(clause)
         if len(votes) == 1:
             return votes.pop()
         if votes:
             return 0  # the same clause argues both ways
-    return 0
+    # "R2, however, is better": the split cut the claim from its subject; read it whole
+    votes = _clause_votes(_CONTRAST.sub(" ", s))
+    return votes.pop() if len(votes) == 1 else 0
 
 
 class RuleJudge:

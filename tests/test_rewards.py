@@ -147,6 +147,8 @@ def test_compute_rewards_bad_input_names_the_field():
     ("Thus the final answer is 2.", 2),
     ("Response 1 is correct about the colour, but Response 2 is better overall.", 2),
     ("Response 2 incorrectly counts the birds, so Response 1 wins.", 1),
+    ("Response 2, however, is better.", 2),       # contrast word inside the clause
+    ("Response 1 is still the stronger answer.", 1),
     ("Response 1 chose option 2, which is correct.", 1),  # "option 2" is not a response
     ("Both responses describe the image.", 0),
     ("Response 1 is accurate and Response 2 is accurate too.", 0),  # argues both ways
