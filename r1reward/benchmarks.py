@@ -239,6 +239,7 @@ def metrics_at_k(bench: str, items: list[BenchItem], rows: list[dict], k: int) -
         "flip_rate": _mean(ok[(k_, ORDERS[0])] != ok[(k_, ORDERS[1])] for k_ in both),
         "answer1_rate": _mean(v == 1 for v in verdicts if v is not None),
         "no_verdict_rate": _mean(v is None for v in verdicts),
+        "debiased_score_accuracy": _debiased_accuracy(rows, both, k),
     }
     if bench == "vl_reward_bench":
         present = [per_cat[c] for c in VL_CATEGORIES if per_cat.get(c) is not None]
@@ -250,6 +251,18 @@ def metrics_at_k(bench: str, items: list[BenchItem], rows: list[dict], k: int) -
             groups[by_key[key].id].append(c)
         out["acc_plus"] = _mean(all(v) for v in groups.values())
     return out
+
+
+def _debiased_accuracy(rows, keys_with_both_orders, k):
+    """Accuracy of the calibrated, position-debiased score: (p1 with chosen first +
+    1 - p1 with chosen second) / 2 > 0.5. None when rows carry no p1."""
+    p = {(r["key"], r["order"]): r["p1"][:k] for r in rows if r.get("p1")}
+    ok = []
+    for key in keys_with_both_orders:
+        a, b = p.get((key, ORDERS[0])), p.get((key, ORDERS[1]))
+        if a and b:
+            ok.append((_mean(a) + 1 - _mean(b)) / 2 > 0.5)
+    return _mean(ok)
 
 
 def summarize(bench: str, items: list[BenchItem], rows: list[dict], k_max: int) -> dict:

@@ -29,7 +29,7 @@ DEFAULT_BASELINE = "I cannot answer this question."
 
 @dataclass
 class PairRequest:
-    image: object  # PIL image (after _to_image) or None for a text-only pair
+    image: object  # PIL image (after to_image) or None for a text-only pair
     question: str
     response_1: str
     response_2: str
@@ -129,7 +129,7 @@ class Ranking:
 
 # ----------------------------------------------------------------------------- images
 
-def _to_image(image):
+def to_image(image):
     """Paths, PIL images and encoded bytes all become an RGB PIL image (None stays)."""
     if image is None:
         return None
@@ -277,7 +277,7 @@ class RewardJudge:
     def judge_batch(self, reqs, k: int = 1, swap: bool = True, early_stop: bool = True
                     ) -> list[Judgment]:
         reqs = [r if isinstance(r, PairRequest) else PairRequest(*r) for r in reqs]
-        reqs = [PairRequest(_to_image(r.image), r.question, r.response_1, r.response_2) for r in reqs]
+        reqs = [PairRequest(to_image(r.image), r.question, r.response_1, r.response_2) for r in reqs]
         views = reqs + ([r.swapped() for r in reqs] if swap else [])
         samples = self.sample(views, k, early_stop=early_stop)
         out = []
@@ -324,7 +324,7 @@ class RewardJudge:
             method = "round_robin" if n <= self.rank_round_robin_max else "swiss"
         if method not in ("round_robin", "swiss"):
             raise ValueError(f"method must be 'auto', 'round_robin' or 'swiss', got {method!r}")
-        image = _to_image(image)
+        image = to_image(image)
         before = self.calls["generate"] + self.calls["forward"]
         games, played = [], set()
 

@@ -95,6 +95,12 @@ def test_voting_at_k_any_at_k_and_none_votes():
     by_k = B.summarize("vl_reward_bench", items, rows, 5)["by_k"]
     assert [by_k[k]["overall_accuracy"] for k in ("1", "3", "5")] == [1.0, 1.0, 0.0]
     assert by_k["5"]["any_at_k"] == 1.0
+    assert by_k["5"]["debiased_score_accuracy"] is None  # no p1, no second order
+    # the calibrated score cancels a position bias that the votes keep
+    rows = [{"key": "a", "order": "chosen_first", "votes": [1], "p1": [0.9]},
+            {"key": "a", "order": "chosen_second", "votes": [1], "p1": [0.6]}]
+    s = B.summarize("vl_reward_bench", items, rows, 1)
+    assert s["flip_rate"] == 1.0 and s["debiased_score_accuracy"] == 1.0
     assert B.majority([None, None, 1]) == 1
     assert B.majority([1, 2]) is None and B.majority([None]) is None
     # an unparseable answer is wrong, never right

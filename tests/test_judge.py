@@ -145,12 +145,12 @@ def test_images_from_path_pil_bytes(tmp_path):
     p = tmp_path / "i.png"
     Image.new("RGBA", (5, 4)).save(p)
     for src in (p, str(p), Image.open(p), p.read_bytes()):
-        im = J._to_image(src)
+        im = J.to_image(src)
         assert im.mode == "RGB" and im.size == (5, 4)
     with pytest.raises(ValueError, match="not a readable image"):
-        J._to_image(b"junk")
+        J.to_image(b"junk")
     with pytest.raises(TypeError, match="image must be"):
-        J._to_image(3)
+        J.to_image(3)
 
 
 def test_answer_prefix_forces_an_answer_slot():
