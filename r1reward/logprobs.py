@@ -1,7 +1,8 @@
 """Response-position log-probs and the policy loss, never through full-vocabulary logits.
 
-The decoder runs without its lm_head (``model.model``), the hidden states at the positions
-that predict response tokens are gathered, and only those reach ``r1reward.kernels``.
+The model's forward is asked (``logits_to_keep`` = the response positions) to hand only
+the hidden states that predict response tokens to the lm_head, and the lm_head sends them
+through ``r1reward.kernels`` instead of building logits.
 
 The lm_head is replaced by :class:`FusedLMHead`, an ``nn.Linear`` subclass (so state-dict
 keys, ``save_pretrained`` and HF ``generate`` are unchanged) whose forward can also take
@@ -89,12 +90,25 @@ def build_seq_batch(prompt_inputs, sequences, prompt_len, response_mask) -> SeqB
                     response_ids, response_mask, vision)
 
 
-def response_hidden(model: nn.Module, batch: SeqBatch) -> torch.Tensor:
-    """Final-norm hidden states ``[B, R, H]`` at the positions predicting response tokens."""
-    out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      use_cache=False, **batch.vision)
-    p = batch.prompt_len
-    return out.last_hidden_state[:, p - 1:p - 1 + batch.response_ids.shape[1]]
+def head_call(model: nn.Module, batch: SeqBatch, **request):
+    """Run the model's own forward with only the response positions reaching the lm_head.
+
+    ``logits_to_keep`` (a tensor of positions) makes HF slice the final hidden states to
+    the R positions that predict response tokens before calling ``lm_head``; ``request``
+    (targets, old_logp, …) tells :class:`FusedLMHead` to return log-probs or the loss
+    there instead of logits. Going through ``model(...)`` rather than ``model.model``
+    keeps the FSDP2 root's hooks (lazy init, unsharding the embeddings) in play.
+    """
+    p, r = batch.prompt_len, batch.response_ids.shape[1]
+    keep = torch.arange(p - 1, p - 1 + r, device=batch.input_ids.device)
+    head = model.lm_head
+    head._request = request
+    try:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    logits_to_keep=keep, use_cache=False, **batch.vision)
+    finally:
+        head._request = None
+    return out.logits  # what FusedLMHead returned for the request
 
 
 class FusedLMHead(nn.Linear):
@@ -108,6 +122,7 @@ class FusedLMHead(nn.Linear):
     loss_kwargs: dict = {}
     backend: str = "auto"
     temperature: float = 1.0
+    _request: dict | None = None  # set by head_call for the duration of one forward
 
     @classmethod
     def install(cls, model: nn.Module, *, backend="auto", temperature=1.0, **loss_kwargs):
@@ -127,6 +142,8 @@ class FusedLMHead(nn.Linear):
 
     def forward(self, hidden, targets=None, *, old_logp=None, advantages=None, mask=None,
                 ref_logp=None, return_entropy=False):
+        if targets is None and self._request is not None:
+            return self.forward(hidden, **self._request)
         if targets is None:
             return F.linear(hidden, self.weight, self.bias)
         if old_logp is None:
@@ -150,9 +167,8 @@ def sequence_logprobs(model: nn.Module, batch: SeqBatch, micro_batch_size: int,
     lps, ents = [], []
     for idx in micro_batches(len(batch), micro_batch_size):
         mb = batch.select(idx)
-        h = response_hidden(model, mb)
         tgt = mb.response_ids.masked_fill(mb.response_mask == 0, -100)
-        out = model.lm_head(h, tgt, return_entropy=return_entropy)
+        out = head_call(model, mb, targets=tgt, return_entropy=return_entropy)
         lp, ent = out if return_entropy else (out, None)
         lps.append(lp * mb.response_mask)
         if ent is not None:
@@ -164,15 +180,14 @@ def sequence_logprobs(model: nn.Module, batch: SeqBatch, micro_batch_size: int,
 def policy_loss(model: nn.Module, mb: SeqBatch, old_logp, advantages, ref_logp=None,
                 return_entropy=False):
     """StableReinforce loss on one micro-batch: decoder → response hidden → fused head."""
-    h = response_hidden(model, mb)
-    return model.lm_head(h, mb.response_ids, old_logp=old_logp, advantages=advantages,
-                         mask=mb.response_mask, ref_logp=ref_logp, return_entropy=return_entropy)
+    return head_call(model, mb, targets=mb.response_ids, old_logp=old_logp,
+                     advantages=advantages, mask=mb.response_mask, ref_logp=ref_logp,
+                     return_entropy=return_entropy)
 
 
 def sft_loss(model: nn.Module, mb: SeqBatch):
     """Mean token NLL of the response (teacher forcing), through the fused log-prob path."""
-    h = response_hidden(model, mb)
     tgt = mb.response_ids.masked_fill(mb.response_mask == 0, -100)
-    lp = model.lm_head(h, tgt)
+    lp = head_call(model, mb, targets=tgt)
     m = mb.response_mask.to(lp.dtype)
     return -(lp * m).sum() / m.sum().clamp_min(1.0)

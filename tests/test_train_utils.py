@@ -33,7 +33,7 @@ def tiny_vlm(seed: int = 0, layers: int = 2):
 def seq_batch(B: int = 3, R: int = 5, seed: int = 0) -> SeqBatch:
     """Left-padded prompts with a 4x4-patch image (4 merged tokens), right-padded responses."""
     g = torch.Generator().manual_seed(seed)
-    P = 12
+    P = 10 + B
     ids = torch.zeros(B, P, dtype=torch.long)
     amask = torch.zeros(B, P, dtype=torch.long)
     for b in range(B):

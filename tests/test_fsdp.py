@@ -1,0 +1,92 @@
+"""FSDP2 on CPU with gloo, 2 ranks: the [norm, lm_head] unit hands the fused loss a plain
+weight, and sharded loss/gradients equal the single-process ones.
+
+The test launches this file under torchrun; the worker half is ``_worker`` below.
+"""
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def _worker(out_file: str) -> None:
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(HERE))
+    from r1reward.logprobs import FusedLMHead, policy_loss, sequence_logprobs
+    from r1reward.parallelize import init_distributed, parallelize
+    from test_train_utils import seq_batch, tiny_vlm
+
+    d = init_distributed(fsdp=True)
+    torch.manual_seed(0)
+    base = tiny_vlm(seed=0)
+    kw = dict(backend="reference", preclip=(math.log(1e-3), math.log(1e3)),
+              aggregation="seq-mean-token-mean")
+    FusedLMHead.install(base, **kw)
+    plain = copy.deepcopy(base)
+    batch = seq_batch(B=4, seed=3)
+    halves = [batch.select([0, 1]), batch.select([2, 3])]
+    old = sequence_logprobs(plain, batch, 4) - 0.1
+    adv = torch.linspace(-1, 1, 4)[:, None].expand_as(old) * batch.response_mask
+
+    # Single process: mean of the two halves' losses.
+    plain.train()
+    want = sum(policy_loss(plain, h, old[i * 2:i * 2 + 2], adv[i * 2:i * 2 + 2])[0]
+               for i, h in enumerate(halves)) / 2
+    want.backward()
+
+    sharded = parallelize(base, fsdp=True, compile=False, ac=True, device=d.device)
+    sharded.train()
+    mine = halves[d.rank]
+    sl = slice(d.rank * 2, d.rank * 2 + 2)
+    lp = sequence_logprobs(sharded, mine, 2)  # forward-only path under FSDP
+    loss, _ = policy_loss(sharded, mine, old[sl], adv[sl])
+    loss.backward()  # FSDP averages the gradients over the 2 ranks
+    got_loss = loss.detach().clone()
+    dist.all_reduce(got_loss)
+    errors = []
+    if not torch.allclose(lp, old[sl] + 0.1, atol=1e-5):
+        errors.append("sharded sequence_logprobs differ")
+    if not torch.allclose(got_loss / 2, want.detach(), atol=1e-5):
+        errors.append(f"loss {got_loss.item() / 2} != {want.item()}")
+    ref_grads = dict(plain.named_parameters())
+    n_checked = 0
+    for name, p in sharded.named_parameters():
+        g = p.grad.full_tensor()
+        r = ref_grads[name].grad
+        if not torch.allclose(g, r, atol=1e-5, rtol=1e-3):
+            errors.append(f"grad {name}: max diff {(g - r).abs().max().item():.3g}")
+        n_checked += 1
+    from torch.distributed.tensor import DTensor
+    if not isinstance(sharded.lm_head.weight, DTensor):
+        errors.append("lm_head.weight is not sharded outside forward")
+    if d.rank == 0:
+        Path(out_file).write_text("\n".join(errors) + f"\nchecked {n_checked}\n")
+    dist.destroy_process_group()
+
+
+def torchrun(args, timeout=600, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port", str(29600 + os.getpid() % 300)] + args
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_fsdp_two_ranks_match_single_process(tmp_path):
+    out = tmp_path / "result.txt"
+    r = torchrun([str(Path(__file__)), str(out)])
+    assert r.returncode == 0, r.stderr[-4000:]
+    lines = out.read_text().strip().splitlines()
+    assert lines[-1].startswith("checked ") and int(lines[-1].split()[1]) > 20
+    assert lines[:-1] == [], lines[:-1]
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
