@@ -19,8 +19,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 MARKER = "COMPLETE"
-# DCP works without a process group (one process); its warning about that is noise here.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+_NO_PG_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+
+
+def _dcp(fn, state, path):
+    # DCP works without a process group (one process); its warning about that is noise.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_PG_WARNING)
+        fn(state, checkpoint_id=str(path))
 
 
 def rng_state() -> dict:
@@ -72,7 +78,7 @@ class Checkpointer:
             shutil.rmtree(path)
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        _dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, path)
         torch.save(rng_state(), path / f"rng_rank{rank}.pt")
         if rank == 0:
             torch.save(trainer_state, path / "trainer_state.pt")
@@ -91,7 +97,7 @@ class Checkpointer:
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
+        _dcp(dcp.load, state, path)
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         rng_file = path / f"rng_rank{_rank()}.pt"

@@ -76,3 +76,22 @@ def test_health_skip_spike_and_rollback():
     h2 = HealthMonitor()
     h2.load_state_dict(h.state_dict())
     assert h2.state_dict() == h.state_dict()
+
+
+def test_hf_export_reloads_with_from_pretrained(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from r1reward.export import export_hf
+    from r1reward.logprobs import FusedLMHead
+    from test_train_utils import seq_batch, tiny_vlm
+
+    model = tiny_vlm(seed=4)
+    FusedLMHead.install(model, backend="reference")  # the trainer's head must not leak out
+    export_hf(model, None, tmp_path / "export")
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    back = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    assert type(back.lm_head) is torch.nn.Linear
+    b = seq_batch()
+    kw = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False, **b.vision)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**kw).logits, model(**kw).logits)

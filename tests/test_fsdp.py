@@ -67,6 +67,16 @@ def _worker(out_file: str) -> None:
     from torch.distributed.tensor import DTensor
     if not isinstance(sharded.lm_head.weight, DTensor):
         errors.append("lm_head.weight is not sharded outside forward")
+    # HF export from the sharded policy (collective), reloaded on rank 0.
+    from r1reward.export import export_hf
+    export_dir = Path(out_file).parent / "export"
+    export_hf(sharded, None, export_dir)
+    if d.rank == 0:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        back = Qwen2_5_VLForConditionalGeneration.from_pretrained(export_dir)
+        for name, p in back.named_parameters():
+            if not torch.equal(p, dict(plain.named_parameters())[name]):
+                errors.append(f"exported {name} differs")
     if d.rank == 0:
         Path(out_file).write_text("\n".join(errors) + f"\nchecked {n_checked}\n")
     dist.destroy_process_group()
