@@ -1,0 +1,99 @@
+"""Smoke test of the loss benchmark: the harness runs and its numbers are sane.
+
+Timings are never asserted (they depend on the machine); memory is, because the point
+of the fused loss is not holding ``[N, V]`` logits.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import _measure, _report
+from bench._inputs import Problem, make_inputs
+from bench._methods import unavailable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every method that runs on CPU, except duplicates of another row's work ("reference" is
+# the same full-logits graph as "naive"; the filtered torch row only matters on GPUs).
+CPU_METHODS = ["3gemm", "naive", "r1reward-torch", "liger", "cce"]
+
+
+@pytest.fixture(scope="module")
+def quick_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "bench.loss_bench", "--quick", "--no-compile", "--warmup", "0",
+           "--cases", "random", "--methods", ",".join(CPU_METHODS), "--device", "cpu",
+           "--out-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return rows, out, proc.stdout
+
+
+def test_quick_run_rows(quick_rows):
+    rows, out, stdout = quick_rows
+    by = {r["method"]: r for r in rows}
+    assert sorted(by) == sorted(CPU_METHODS)
+    for m, r in by.items():
+        assert r["status"] == "ok", (m, r["status"])
+        for k in ("fwd_s", "fwdbwd_s", "peak_mb", "logit_mb", "ratio_to_3gemm"):
+            assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, (m, k, r[k])
+        assert (r["N"], r["H"], r["V"], r["dtype"], r["device"]) == (512, 64, 49152, "fp32", "cpu")
+        assert r["torch"] == torch.__version__.split("+")[0] or r["torch"] == torch.__version__
+    assert by["3gemm"]["ratio_to_3gemm"] == 1.0
+    # Gradients ∂h + ∂W in fp32 are what every method must leave behind.
+    assert by["naive"]["grad_mb"] == pytest.approx((512 * 64 + 49152 * 64) * 4 / 2**20)
+    # Full logits are 96 MiB here; the fused loss must need less extra memory than naive.
+    assert by["naive"]["logit_mb"] > 96
+    assert by["r1reward-torch"]["logit_mb"] < by["naive"]["logit_mb"]
+    assert "3gemm" in stdout and "x3gemm" in stdout  # the table was printed
+    csv_lines = (out / "loss_bench.csv").read_text().splitlines()
+    assert csv_lines[0].split(",") == list(_report.FIELDS) and len(csv_lines) == 1 + len(rows)
+
+
+def test_unavailable_methods_report_status():
+    cpu = torch.device("cpu")
+    assert unavailable("r1reward-triton", cpu) == "skipped: needs CUDA"
+    assert unavailable("cce-filtered", cpu).startswith("skipped")
+    assert unavailable("naive", cpu) is None
+    with pytest.raises(ValueError, match="unknown method"):
+        unavailable("nope", cpu)
+
+
+def test_ratios_pair_rows_of_the_same_problem():
+    base = {"case": "random", "N": 8, "H": 4, "V": 16, "dtype": "fp32", "device": "cpu"}
+    rows = [dict(base, method="3gemm", status="ok", fwdbwd_s=2.0),
+            dict(base, method="naive", status="ok", fwdbwd_s=5.0),
+            dict(base, H=8, method="naive", status="ok", fwdbwd_s=1.0),
+            dict(base, method="liger", status="skipped: x")]
+    _report.add_ratios(rows)
+    assert [r["ratio_to_3gemm"] for r in rows] == [1.0, 2.5, None, None]
+    assert "skipped: x" in _report.table(rows)
+
+
+def test_peaked_inputs_concentrate_the_softmax():
+    random = make_inputs(Problem(case="random", N=64, B=2, H=256, V=4096))
+    peaked = make_inputs(Problem(case="peaked", N=64, B=2, H=256, V=4096, target_p=0.9))
+    assert random["info"]["target_p_mean"] < 0.01
+    assert peaked["info"]["target_p_mean"] > 0.5
+    # old_logp stays close to the current log-probs, so ratios are near 1 as in PPO.
+    assert peaked["old_logp"].shape == (2, 32)
+    with pytest.raises(ValueError, match="split evenly"):
+        Problem(N=10, B=3)
+
+
+def test_cpu_peak_probe_sees_a_large_allocation():
+    if not _measure.can_reset_peak():
+        pytest.skip("/proc/self/clear_refs not writable here")
+    n = 16 << 20  # 64 MiB of fp32
+
+    def alloc():
+        x = torch.ones(n)
+        return float(x[-1])
+
+    mb = _measure.peak_extra_bytes(alloc, torch.device("cpu")) / _measure.MB
+    assert 56 < mb < 90, mb
