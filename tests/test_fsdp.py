@@ -27,7 +27,7 @@ def _worker(out_file: str) -> None:
     d = init_distributed(fsdp=True)
     torch.manual_seed(0)
     base = tiny_vlm(seed=0)
-    kw = dict(backend="reference", preclip=(math.log(1e-3), math.log(1e3)),
+    kw = dict(backend="auto", preclip=(math.log(1e-3), math.log(1e3)),
               aggregation="seq-mean-token-mean")
     FusedLMHead.install(base, **kw)
     plain = copy.deepcopy(base)

@@ -12,7 +12,7 @@ from test_train_utils import full_logits_logprobs, seq_batch, tiny_vlm
 @pytest.fixture(scope="module")
 def model():
     m = tiny_vlm()
-    FusedLMHead.install(m, backend="reference", preclip=(math.log(1e-3), math.log(1e3)),
+    FusedLMHead.install(m, backend="auto", preclip=(math.log(1e-3), math.log(1e3)),
                         aggregation="seq-mean-token-mean")
     return m
 
