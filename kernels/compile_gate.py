@@ -85,7 +85,7 @@ def cases(cc: int, dtypes=("bf16", "fp32")) -> list[KernelCase]:
         for label, bias, ent in (("forward", True, True), ("forward-plain", False, False)):
             out.append(KernelCase(
                 f"{label}[{dt}]", fwd._fwd_partial_kernel, ptypes,
-                dict(HAS_BIAS=bias, ENTROPY=ent, DOT_PREC=prec, **blocks),
+                dict(HAS_BIAS=bias, ENTROPY=ent, DOT_PREC=prec, UPCAST_DOT=False, **blocks),
                 fc["num_warps"], fc["num_stages"],
                 divisible=("h_ptr", "w_ptr", "b_ptr", "rows_ptr", "tgt_ptr", "part_ptr", "H",
                            "stride_h", "stride_w")))
@@ -99,7 +99,7 @@ def cases(cc: int, dtypes=("bf16", "fp32")) -> list[KernelCase]:
             out.append(KernelCase(
                 f"{label}[{dt}]", bwd._bwd_kernel, btypes,
                 dict(HAS_BIAS=True, NEED_DH=True, NEED_DW=True, NEED_DB=True, FILTER=filt,
-                     DOT_PREC=prec, **bblocks),
+                     DOT_PREC=prec, UPCAST_DOT=False, **bblocks),
                 bc["num_warps"], bc["num_stages"],
                 divisible=("h_ptr", "w_ptr", "b_ptr", "rows_ptr", "tgt_ptr", "g_ptr", "lse_ptr",
                            "dh_ptr", "dw_ptr", "db_ptr", "H", "stride_h", "stride_w",

@@ -57,7 +57,7 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, g_ptr, lse_ptr,
                 HAS_BIAS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
                 NEED_DB: tl.constexpr, FILTER: tl.constexpr, GROUP: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr):
     pid = tl.program_id(0)
     n_nb = tl.cdiv(n_rows, BLOCK_N)
     n_vb = tl.cdiv(V, BLOCK_V)
@@ -84,6 +84,8 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, g_ptr, lse_ptr,
         k_ok = offs_k < H
         hb = tl.load(h_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wb = tl.load(w_rows + offs_k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST_DOT:  # interpreter only: see triton_fwd.upcast_dot
+            hb, wb = hb.to(tl.float32), wb.to(tl.float32)
         acc = tl.dot(hb, tl.trans(wb), acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         acc = acc + tl.load(b_ptr + offs_v, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -100,18 +102,24 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, g_ptr, lse_ptr,
     if NEED_DH or NEED_DW:
         # Tensor-core operands in the input dtype; accumulation stays fp32.
         dz_c = dz.to(h_ptr.dtype.element_ty)
+        if UPCAST_DOT:
+            dz_c = dz_c.to(tl.float32)  # keeps the bf16 rounding of dz, exact upcast
         for k0 in range(0, H, BLOCK_H):
             offs_k = k0 + tl.arange(0, BLOCK_H)
             k_ok = offs_k < H
             if NEED_DH:
                 wb = tl.load(w_rows + offs_k[None, :], mask=col_ok[:, None] & k_ok[None, :],
                              other=0.0)
+                if UPCAST_DOT:
+                    wb = wb.to(tl.float32)
                 dh_part = tl.dot(dz_c, wb, input_precision=DOT_PREC)
                 tl.atomic_add(dh_ptr + rows[:, None] * stride_dh + offs_k[None, :], dh_part,
                               mask=row_ok[:, None] & k_ok[None, :])
             if NEED_DW:
                 hb = tl.load(h_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
                              other=0.0)
+                if UPCAST_DOT:
+                    hb = hb.to(tl.float32)
                 dw_part = tl.dot(tl.trans(dz_c), hb, input_precision=DOT_PREC)
                 tl.atomic_add(dw_ptr + offs_v.to(tl.int64)[:, None] * stride_dw + offs_k[None, :],
                               dw_part, mask=col_ok[:, None] & k_ok[None, :])
@@ -146,5 +154,7 @@ def launch_backward(h, weight, bias, targets, g, lse, *, temperature, config,
         HAS_BIAS=bias is not None, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
         FILTER=filter_eps is not None, GROUP=config["GROUP"], BLOCK_N=bn, BLOCK_V=bv,
         BLOCK_H=config["BLOCK_H"], DOT_PREC="ieee" if h.dtype == torch.float32 else "tf32",
+        # Interpreter only (its bf16 tl.dot is broken): see triton_fwd.upcast_dot.
+        UPCAST_DOT=h.device.type != "cuda" and h.dtype != torch.float32,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     return dh, dw, db

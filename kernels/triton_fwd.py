@@ -59,6 +59,17 @@ def fwd_config(cc: int | None, dtype: torch.dtype) -> dict:
     return dict(FWD_CONFIGS[(90 if cc >= 90 else 80, width_key(dtype))])
 
 
+def upcast_dot(t: torch.Tensor) -> bool:
+    """True when the kernels must feed ``tl.dot`` fp32 copies of 16-bit operands.
+
+    Triton 3.9's interpreter multiplies bf16 tiles as their raw uint16 bit patterns
+    (garbage), so on CPU (interpreter) 16-bit tiles are upcast first. bf16→fp32 is exact
+    and the GPU's tensor cores also form exact products with fp32 accumulation, so the
+    interpreter still checks the GPU arithmetic. Never set on CUDA.
+    """
+    return t.device.type != "cuda" and t.dtype != torch.float32
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get exact fp32 products (the torch reference does not use TF32 for
     # matmul by default); bf16/fp16 tensor-core products are exact anyway.
@@ -70,7 +81,7 @@ def _fwd_partial_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, part_ptr,
                         n_rows, V, H, stride_h, stride_w, inv_temp, tiles_per_split,
                         HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                        DOT_PREC: tl.constexpr):
+                        DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -96,6 +107,8 @@ def _fwd_partial_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, part_ptr,
             k_ok = offs_k < H
             hb = tl.load(h_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             wb = tl.load(w_rows + offs_k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST_DOT:  # interpreter only, see upcast_dot()
+                hb, wb = hb.to(tl.float32), wb.to(tl.float32)
             acc = tl.dot(hb, tl.trans(wb), acc, input_precision=DOT_PREC)
         if HAS_BIAS:
             bias = tl.load(b_ptr + offs_v, mask=col_ok, other=0.0).to(tl.float32)
@@ -186,7 +199,9 @@ def _fwd_combine_kernel(part_ptr, rows_ptr, n_rows, n_splits,
         S = a * S + b * sk
         M = M_new
         ZT += tl.load(p + 3 * plane, mask=ok, other=0.0)
-    S = tl.where(ok, S, 1.0)  # padded lanes: keep log/divide finite
+    # Padded lanes: S = 1 and M = 0 keep every later op finite (no 0·inf, no exp(1e30)).
+    S = tl.where(ok, S, 1.0)
+    M = tl.where(ok, M, 0.0)
     log_s = tl.log(S)
     lse = M + log_s
     lp = ZT - lse
@@ -254,7 +269,7 @@ def launch_forward(h, weight, bias, targets, rows, *, temperature, config, entro
         h, weight, bias if bias is not None else dummy, rows, targets, part,
         n, V, H, h.stride(0), weight.stride(0), 1.0 / temperature, per,
         HAS_BIAS=bias is not None, ENTROPY=entropy, BLOCK_N=bn, BLOCK_V=bv,
-        BLOCK_H=config["BLOCK_H"], DOT_PREC=dot_precision(h.dtype),
+        BLOCK_H=config["BLOCK_H"], DOT_PREC=dot_precision(h.dtype), UPCAST_DOT=upcast_dot(h),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
 
     la = loss_args or {}
