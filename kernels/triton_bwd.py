@@ -98,9 +98,10 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, g_ptr, lse_ptr,
             return
     dz = d * (g * inv_temp)[:, None]
     if NEED_DB:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=col_ok)
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
     if NEED_DH or NEED_DW:
-        # Tensor-core operands in the input dtype; accumulation stays fp32.
+        # Tensor-core operands in the input dtype; accumulation stays fp32. Relaxed atomics:
+        # only atomicity is needed, no ordering with other memory traffic.
         dz_c = dz.to(h_ptr.dtype.element_ty)
         if UPCAST_DOT:
             dz_c = dz_c.to(tl.float32)  # keeps the bf16 rounding of dz, exact upcast
@@ -114,7 +115,7 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, g_ptr, lse_ptr,
                     wb = wb.to(tl.float32)
                 dh_part = tl.dot(dz_c, wb, input_precision=DOT_PREC)
                 tl.atomic_add(dh_ptr + rows[:, None] * stride_dh + offs_k[None, :], dh_part,
-                              mask=row_ok[:, None] & k_ok[None, :])
+                              mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
             if NEED_DW:
                 hb = tl.load(h_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
                              other=0.0)
@@ -122,7 +123,7 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, g_ptr, lse_ptr,
                     hb = hb.to(tl.float32)
                 dw_part = tl.dot(tl.trans(dz_c), hb, input_precision=DOT_PREC)
                 tl.atomic_add(dw_ptr + offs_v.to(tl.int64)[:, None] * stride_dw + offs_k[None, :],
-                              dw_part, mask=col_ok[:, None] & k_ok[None, :])
+                              dw_part, mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
 def launch_backward(h, weight, bias, targets, g, lse, *, temperature, config,

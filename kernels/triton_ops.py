@@ -64,7 +64,7 @@ def _prep(h, weight, bias, targets, active):
     rows = torch.nonzero(active).flatten()
     bad = (targets[rows] < 0) | (targets[rows] >= weight.shape[0])
     if bool(bad.any()):
-        raise ValueError(f"targets out of range [0, V={weight.shape[0]}) at active rows "
+        raise ValueError(f"targets: token ids out of range [0, V={weight.shape[0]}) at rows "
                          f"{rows[bad][:5].tolist()} (values {targets[rows][bad][:5].tolist()})")
     return (h.contiguous(), weight.contiguous(),
             None if bias is None else bias.contiguous(), targets.contiguous(), rows)
@@ -137,8 +137,8 @@ def _fused_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor
               use_preclip: bool, clip_lo: float, clip_hi: float, dual_c: float,
               use_dual: bool, kl_coef: float, kl_estimator: str, want_entropy: bool,
               filter_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # The reference treats targets == -100 at a valid row as ignored: same here.
-    h, weight, bias, targets, rows = _prep(h, weight, bias, targets, valid & (targets != -100))
+    # Every valid row needs a real token id (-100 there is an error, as in the torch backend).
+    h, weight, bias, targets, rows = _prep(h, weight, bias, targets, valid)
     f = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
     loss_args = dict(old=f(old_lp), adv=f(adv), ref=None if ref_lp is None else f(ref_lp),
                      tok_w=f(tok_weight), preclip=(preclip_lo, preclip_hi) if use_preclip else None,

@@ -162,10 +162,16 @@ def test_forward_only_stores_no_lse(ops):
 def test_bad_inputs_raise_clear_errors(ops):
     h, w, b, t, _ = make(4, 16, 40)
     t[2] = 40
-    with pytest.raises(ValueError, match="targets out of range"):
+    with pytest.raises(ValueError, match="targets: token ids out of range"):
         ops.token_logprobs(h, w, t)
     with pytest.raises(TypeError, match="dtype"):
         ops.token_logprobs(h.double(), w, t.clamp(max=39))
+    t[2] = -100  # fine for token_logprobs (ignored), an error at a valid loss position
+    ops.token_logprobs(h, w, t)
+    z = torch.zeros(4)
+    with pytest.raises(ValueError, match="targets: token ids out of range"):
+        ops.fused_loss(h, w, t, z, z, None, z, torch.ones(4, dtype=torch.bool), bias=None,
+                       temperature=1.0, settings=LossSettings(), return_entropy=False)
 
 
 # --------------------------------------------------------------------- fused loss
