@@ -52,11 +52,17 @@ def width_key(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
+def _family(cc: int) -> int:
+    # sm_90/sm_100 have 227 KB of shared memory per block; everything else (sm_80: 163 KB,
+    # sm_86/89/120: 99 KB) gets the sm_80 configs, which use at most 57 KB.
+    return 90 if 90 <= cc < 120 else 80
+
+
 def fwd_config(cc: int | None, dtype: torch.dtype) -> dict:
     """Config for compute capability ``cc`` (80, 90, ...; ``None`` = interpreter)."""
     if cc is None:
         return dict(INTERPRET_FWD_CONFIG)
-    return dict(FWD_CONFIGS[(90 if cc >= 90 else 80, width_key(dtype))])
+    return dict(FWD_CONFIGS[(_family(cc), width_key(dtype))])
 
 
 def upcast_dot(t: torch.Tensor) -> bool:

@@ -59,3 +59,27 @@ def test_limits_flag_shared_memory_and_registers():
     probs = " ".join(row.problems)
     assert "registers" in probs and "shared memory" in probs
     assert not cg.GateRow("synthetic", 90, 200, 1024, 200 * 1024, 0, 0, 8, 3).problems
+
+
+def test_launcher_configs_are_the_gated_ones():
+    import torch
+    fwd, bwd = cg.load_kernel_module("triton_fwd"), cg.load_kernel_module("triton_bwd")
+    # Every table entry is reachable from a gated target, so the gate covers all of them.
+    for table, pick in ((fwd.FWD_CONFIGS, fwd.fwd_config), (bwd.BWD_CONFIGS, bwd.bwd_config)):
+        gated = [pick(cc, dt) for cc in cg.TARGETS for dt in (torch.bfloat16, torch.float32)]
+        assert sorted(map(str, gated)) == sorted(map(str, table.values()))
+    # GPUs with 99 KB of shared memory (sm_86/89/120) get the small sm_80 configs.
+    for cc in (86, 89, 120):
+        assert fwd.fwd_config(cc, torch.bfloat16) == fwd.FWD_CONFIGS[(80, "16bit")]
+        assert bwd.bwd_config(cc, torch.bfloat16) == bwd.BWD_CONFIGS[(80, "16bit")]
+    assert bwd.bwd_config(100, torch.bfloat16) == bwd.BWD_CONFIGS[(90, "16bit")]
+
+
+@pytest.mark.parametrize("rows,tiles,sm", [(2048, 1187, 132), (1, 1187, 108), (70000, 1187, 132),
+                                           (5, 3, 132), (16, 1, None)])
+def test_vocab_splits_fill_the_gpu_and_are_never_empty(rows, tiles, sm):
+    fwd = cg.load_kernel_module("triton_fwd")
+    splits, per = fwd.pick_splits(rows, tiles, 64, sm)
+    assert 1 <= splits <= tiles and (splits - 1) * per < tiles <= splits * per
+    if sm and tiles >= 4 * sm:
+        assert -(-rows // 64) * splits >= min(4 * sm, -(-rows // 64) * tiles) // 2
