@@ -224,6 +224,20 @@ def test_fused_loss_matches_reference(ops, s):
         assert a.abs().sum() > 0, f"{label}: all-zero gradient, the test data is too tame"
 
 
+def test_fused_loss_bf16(ops):
+    s = LossSettings(dual_clip=3.0, kl_coef=0.1, kl_estimator="k3")
+    h, w, b, t, old, adv, reflp, tw, mask = loss_inputs(12, 32, 70, s, seed=3)
+    h, w, b = h.bfloat16(), w.bfloat16(), b.bfloat16()
+    loss, lp, _, gk = run_fused(ops.fused_loss, h, w, b, t, old, adv, reflp, tw, mask, s)
+    rl, rlp, _, gr = run_fused(lambda *a, **k: ref.fused_loss(*a, compute_dtype=F64, **k),
+                               h, w, b, t, old, adv, reflp, tw, mask, s, dtype=F64)
+    assert [g.dtype for g in gk] == [torch.bfloat16] * 3
+    check("bf16 loss", loss, rl, 1e-4, 1e-4)
+    check("bf16 lp", lp, rlp, 1e-4, 1e-4)
+    for label, a, e in zip(("dh", "dW", "dbias"), gk, gr):
+        check(f"bf16 {label}", a, e, 5e-3, 5e-2)
+
+
 def test_fused_loss_all_masked(ops):
     s = LossSettings(kl_coef=0.1)
     h, w, b, t, old, adv, reflp, tw, mask = loss_inputs(6, 16, 40, s)
