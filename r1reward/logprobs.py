@@ -63,8 +63,22 @@ class SeqBatch:
                         self.response_ids.to(device), self.response_mask.to(device), vision)
 
 
-def build_seq_batch(prompt_inputs, sequences, prompt_len, response_mask) -> SeqBatch:
-    """Join generated sequences with their prompt inputs (repeated per sample if needed)."""
+def build_seq_batch(prompt_inputs, sequences, prompt_len, response_mask,
+                    forbidden_ids: tuple[int, ...] = ()) -> SeqBatch:
+    """Join generated sequences with their prompt inputs (repeated per sample if needed).
+
+    ``forbidden_ids`` (the image/video placeholder tokens): a sampled response containing
+    one would be taken for an extra image in the teacher-forced forward, so the response
+    is cut just before it (those ids are replaced and masked out).
+    """
+    if forbidden_ids:
+        resp = sequences[:, prompt_len:]
+        bad = torch.isin(resp, torch.tensor(forbidden_ids, device=resp.device))
+        if bad.any():
+            after = bad.long().cumsum(1) > 0
+            response_mask = response_mask.masked_fill(after, 0)
+            sequences = sequences.clone()
+            sequences[:, prompt_len:] = resp.masked_fill(bad, 0)
     n_rows = sequences.shape[0]
     n_prompts = prompt_inputs["input_ids"].shape[0]
     if n_rows % n_prompts:

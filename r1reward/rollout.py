@@ -32,6 +32,12 @@ class Rollout:
         return [parse_answer(t) for t in self.texts]
 
 
+def vision_placeholder_ids(model) -> tuple[int, ...]:
+    cfg = model.config
+    ids = (getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None))
+    return tuple(i for i in ids if i is not None)
+
+
 def present(pairs: list[PreferencePair], balance: bool, offset: int = 0) -> list[PreferencePair]:
     """Swap every other pair (by global position ``offset + i``) when balancing."""
     if not balance:
@@ -60,7 +66,8 @@ def collect(model, processor, pairs: list[PreferencePair], *, temperature: float
     gen = _generate(model, processor, shown, do_sample=True, temperature=temperature,
                     top_p=top_p, max_new_tokens=max_new_tokens, num_samples=n_samples)
     model.train(was_training)
-    batch = build_seq_batch(gen.prompt_inputs, gen.sequences, gen.prompt_len, gen.response_mask)
+    batch = build_seq_batch(gen.prompt_inputs, gen.sequences, gen.prompt_len, gen.response_mask,
+                            forbidden_ids=vision_placeholder_ids(model))
     pref = torch.tensor([p.preferred for p in shown for _ in range(n_samples)])
     images = [p.image for p in shown for _ in range(n_samples)]
     return Rollout(shown, batch, list(gen.texts), pref, images, n_samples)
