@@ -147,6 +147,22 @@ def test_bf16_inputs_give_bf16_grads(ops):
         check(f"bf16 {label}", a, e, 5e-3, 5e-2)
 
 
+@pytest.mark.parametrize("need", ["h", "weight"])
+def test_partial_requires_grad(ops, need):
+    # Frozen lm_head (only ∂h) or frozen trunk (only ∂W): the other buffer is never made.
+    h, w, b, t, g = make(5, 16, 40, bias=True)
+    gw = torch.randn(5, generator=g)
+    hk, wk = h.clone().requires_grad_(need == "h"), w.clone().requires_grad_(need == "weight")
+    lp, _ = ops.token_logprobs(hk, wk, t, bias=b)
+    (lp * gw).sum().backward()
+    hr, wr = leaves(h, w, dtype=F64)
+    lr, _ = ref.token_logprobs(hr, wr, t, bias=b.double(), compute_dtype=F64)
+    (lr * gw.double()).sum().backward()
+    got, want = (hk.grad, hr.grad) if need == "h" else (wk.grad, wr.grad)
+    check(f"only {need}", got, want, 2e-5, 1e-4)
+    assert (wk.grad if need == "h" else hk.grad) is None
+
+
 def test_forward_only_stores_no_lse(ops):
     h, w, b, t, _ = make(4, 16, 40)
     lp, lse, ent = ops._tlp_op(h, w, None, t, 1.0, -100, False, False)
