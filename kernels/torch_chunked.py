@@ -101,19 +101,23 @@ class _Chunker:
         results instead of the ``[c, V]`` chunk (one pass over the chunk saved).
         """
         s = g * -self.inv_tau
-        flat = torch.arange(p.shape[0], device=p.device) * p.shape[1] + tc
-        p.view(-1)[flat] -= 1.0
         w32 = self.w32
         cols = None
         if filter_eps is not None:
-            # Columns whose |p − onehot| reaches filter_eps in some row. The threshold is
-            # relative to a unit upstream gradient, as in Cut Cross-Entropy's filter.
-            keep = (p.amax(dim=0) >= filter_eps) | (p.amin(dim=0) <= -filter_eps)
+            # Columns where some row's softmax reaches filter_eps, plus the targets (their
+            # entry is p_t − 1). The threshold is relative to a unit upstream gradient, as
+            # in Cut Cross-Entropy's gradient filter. One column-max pass over the chunk.
+            keep = p.amax(dim=0) >= filter_eps
+            keep[tc] = True
             idx = keep.nonzero().squeeze(1)
             if idx.numel() < FILTER_DENSE_FRACTION * p.shape[1]:
                 cols = idx
+                # Targets in the compacted column numbering, for the one-hot below.
+                tc = torch.searchsorted(cols, tc)
                 p = p.index_select(1, cols)
                 w32 = w32.index_select(0, cols)
+        flat = torch.arange(p.shape[0], device=p.device) * p.shape[1] + tc
+        p.view(-1)[flat] -= 1.0  # p − onehot
         if grads.dh is not None:
             grads.dh.index_copy_(0, rows, torch.mm(p, w32).mul_(s[:, None]))
         if grads.dw is not None:
