@@ -143,11 +143,25 @@ def _entropy(p):
     return acc
 
 
-def _compact_rows(z, keep_idx):
-    """Move rows ``keep_idx`` (ascending) to the top of ``z`` in place (no new buffer)."""
-    for j, k in enumerate(keep_idx.tolist()):
-        if j != k:
-            z[j].copy_(z[k])
+def _compact_rows(z, keep):
+    """Pack the kept rows of ``z`` into its first ``k`` rows in place; return their order.
+
+    Holes among the first ``k`` rows are filled from kept rows beyond ``k`` (at most one
+    row copy per dropped row), through a one-row temporary: a copy between two rows of the
+    same tensor takes PyTorch's slow overlapping-memory path (~700× slower on CPU).
+    """
+    keep_l = keep.tolist()
+    k = sum(keep_l)
+    holes = [i for i in range(k) if not keep_l[i]]
+    sources = [i for i in range(k, len(keep_l)) if keep_l[i]]
+    order = list(range(k))
+    if holes:
+        tmp = torch.empty_like(z[0])
+        for hole, src in zip(holes, sources):
+            tmp.copy_(z[src])
+            z[hole].copy_(tmp)
+            order[hole] = src
+    return torch.tensor(order, dtype=torch.long, device=z.device)
 
 
 class _Grads:
@@ -254,12 +268,11 @@ def fused_loss_impl(h, w, t, old_lp, adv, ref_lp, tok_weight, valid, bias, tempe
             continue
         keep = g != 0  # Pre-CLIP / PPO-clipped / zero-weight rows: no gradient GEMMs
         if not bool(keep.all()):
-            keep_idx = keep.nonzero().squeeze(1)
-            if keep_idx.numel() == 0:
+            order = _compact_rows(z, keep)
+            if order.numel() == 0:
                 continue
-            _compact_rows(z, keep_idx)
-            z = z[:keep_idx.numel()]
-            rows, hc, tc, g = rows[keep_idx], hc[keep_idx], tc[keep_idx], g[keep_idx]
+            z = z[:order.numel()]
+            rows, hc, tc, g = rows[order], hc[order], tc[order], g[order]
         ck.grads(z, hc, tc, g, grads, rows, filter_eps)
     return (loss, lp, ent) + grads.finish(h)
 
