@@ -111,6 +111,7 @@ class HealthConfig:
     min_history: int = 5
     max_bad_steps: int = 3  # consecutive bad steps before rolling back
     lr_backoff: float = 0.5
+    max_rollbacks: int = 3  # more than this and RL stops early (reported in summary.json)
 
 
 @dataclass

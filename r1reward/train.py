@@ -300,7 +300,7 @@ def run(cfg: JobConfig) -> dict | None:
 
     def evaluate(tag: str) -> dict:
         if not cfg.eval.enabled or not held_pairs:
-            return {"accuracy": float("nan"), "n": 0}
+            return {"accuracy": None, "n": 0}
         pairs = held_pairs[:cfg.eval.limit] if cfg.eval.limit > 0 else held_pairs
         t0 = time.time()
         r = rollout_mod.evaluate(policy, processor, pairs, batch_size=cfg.eval.batch_size,
@@ -320,6 +320,7 @@ def run(cfg: JobConfig) -> dict | None:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=state.step, desc="RL", unit="step", dynamic_ncols=True)
     phase = state.phase_seconds or {"rollout": 0.0, "logprobs": 0.0, "update": 0.0}
+    stopped_early = None
     while state.step < cfg.steps:
         step = state.step + 1
         t0 = time.time()
@@ -340,6 +341,7 @@ def run(cfg: JobConfig) -> dict | None:
                              cfg.reward.w_consistency, images=ro.images)
         adv, filtered = advantages(cfg, d, rw.total, mask, old_lp, ref_lp)
         opt.zero_grad(set_to_none=True)
+        lr = opt.param_groups[0]["lr"]  # the LR this step's update uses
         decision = "ok"
         for _ in range(cfg.algo.ppo_epochs):
             sums = update(cfg, policy, ro, old_lp, ref_lp, adv)
@@ -370,7 +372,7 @@ def run(cfg: JobConfig) -> dict | None:
             "entropy": sums["entropy"], "ratio_max": sums["ratio_max"],
             "response_length": m.sum(1).mean().item(),
             "answer1_rate": sum(a == 1 for a in answers) / max(len(answers), 1),
-            "loss": sums["loss"], "grad_norm": gnorm, "lr": opt.param_groups[0]["lr"],
+            "loss": sums["loss"], "grad_norm": gnorm, "lr": lr,
             "time_rollout": t1 - t0, "time_logprobs": t2 - t1, "time_update": t3 - t2,
             "time_step": t3 - t0, "tokens_per_s": n_tok / max(t3 - t0, 1e-9),
         }
@@ -389,6 +391,11 @@ def run(cfg: JobConfig) -> dict | None:
                             fmt=f"{row['format_rate']:.2f}", refresh=False)
             bar.update(1)
 
+        if decision.startswith("rollback") and health.rollbacks > cfg.health.max_rollbacks:
+            stopped_early = (f"step {step}: {decision} after {cfg.health.max_rollbacks} "
+                             "rollbacks; RL stopped early")
+            log0(d, stopped_early)
+            break
         if decision.startswith("rollback"):
             state.lr_scale *= cfg.health.lr_backoff
             latest = ckpt.latest()
@@ -400,6 +407,8 @@ def run(cfg: JobConfig) -> dict | None:
                 health.rollbacks, health.skipped_total = rollbacks, skipped
                 if bar is not None:
                     bar.n = state.step
+            for g, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+                g["lr"] = base * f(sched.last_epoch)  # the next step's LR, with the backoff
             continue
         if decision != "ok":
             log0(d, f"step {step}: {decision}; update skipped")
@@ -430,13 +439,14 @@ def run(cfg: JobConfig) -> dict | None:
         "steps": state.step, "wall_seconds": time.time() - t_start,
         "phase_seconds": phase, "sft": state.sft, "data": data_info,
         "skipped_steps": health.skipped_total, "rollbacks": health.rollbacks,
+        "stopped_early": stopped_early,
         "world_size": d.world, "export_dir": str(export_dir) if export_dir else None,
         "run_dir": str(out),
     }
     if d.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log0(d, f"held-out accuracy {summary['heldout_accuracy_before']:.3f} -> "
-                f"{summary['heldout_accuracy_after']:.3f}; {summary['wall_seconds']:.0f}s; "
+        log0(d, f"held-out accuracy {summary['heldout_accuracy_before']} -> "
+                f"{summary['heldout_accuracy_after']}; {summary['wall_seconds']:.0f}s; "
                 f"run dir {out}")
     metrics.close()
     return summary
