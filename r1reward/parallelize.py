@@ -98,6 +98,11 @@ def apply_fsdp(model: nn.Module, device: torch.device) -> None:
         head_unit.insert(0, embed)
     fully_shard(head_unit, mp_policy=mp, reshard_after_forward=False)
     fully_shard(model, mp_policy=mp)
+    # HF generate (transformers 5) encodes images *before* prefill by calling the vision
+    # tower directly, outside the root's forward, where the root's own parameters (patch
+    # embed, merger) are still sharded. Make it pass pixel_values to the prefill forward
+    # instead, so every vision computation runs inside FSDP's forward hooks.
+    model._supports_mm_encoder_outputs = lambda: False
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
