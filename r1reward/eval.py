@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,8 +33,8 @@ def load_items(bench: str, data, images, n_heldout: int = 64, seed: int = 0, cac
         return B.load_bench(bench, data, images)
     from .data import generate_dataset, load_pairs
     if data is None:  # the generated held-out split, built once per (seed, size)
-        from .tiny import default_model_dir
-        root = Path(cache) if cache else default_model_dir().parent / f"heldout-s{seed}-n{n_heldout}"
+        base = Path(cache or os.environ.get("R1REWARD_CACHE", Path.home() / ".cache" / "r1reward"))
+        root = base / f"heldout-s{seed}-n{n_heldout}"
         data = root / "heldout.jsonl"
         if not data.is_file():
             _, data = generate_dataset(root, 0, n_heldout, seed=seed)

@@ -101,3 +101,15 @@ def test_cli_on_embedded_tiny_model(tmp_path):
     assert len(rows) == 4 and s["n_items"] == 2 and s["n_skipped"] == 0
     assert all(0.0 <= p <= 1.0 for r in rows for p in r["p1"])
     assert 0.0 <= s["overall_accuracy"] <= 1.0
+
+
+def test_pairs_bench_reads_generated_heldout(tmp_path):
+    from r1reward.data import generate_dataset
+    _, heldout = generate_dataset(tmp_path / "gen", 0, 6, seed=3)
+    s = E.main(["--bench", "pairs", "--data", str(heldout), "--swap", "--no-progress",
+                "--output", str(tmp_path / "out")], judge=ScriptedJudge())
+    assert s["n_items"] == 6 and s["n_skipped"] == 0
+    assert set(s["per_category"]) == {"color", "shape", "count"}
+    # chosen is the preferred response whichever slot it had in the file
+    rows = [json.loads(l) for l in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["correct"] == (r["order"] == "chosen_first") for r in rows)
