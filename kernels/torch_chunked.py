@@ -17,6 +17,7 @@ opaque node) and provides the backend entry points ``token_logprobs``/``fused_lo
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .loss_math import LossSettings, loss_and_grad
@@ -127,7 +128,7 @@ class _Chunker:
             if cols is None:
                 grads.db += db
             else:
-                grads.db.index_add_(0, cols, db)
+                grads.db.index_put_((cols,), db, accumulate=True)
 
 
 # Below this target probability ``log p_t`` loses precision (fp32 subnormals start ~1e-38).
@@ -171,6 +172,17 @@ def _compact_rows(z, keep):
     return torch.tensor(order, dtype=torch.long, device=z.device)
 
 
+def _zeros_like(t):
+    """Zeros; on CPU from calloc'd memory (numpy), whose pages the kernel maps lazily.
+
+    In filtered mode only the surviving vocab rows of ∂W are ever written, so the rest
+    never costs a page fault or a fill pass (``torch.zeros`` touches all of a [V, H]).
+    """
+    if t.device.type == "cpu" and t.dtype == torch.float32:
+        return torch.from_numpy(np.zeros(tuple(t.shape), dtype=np.float32))
+    return torch.zeros_like(t)
+
+
 class _Grads:
     """fp32 gradient accumulators for one call; ``finish`` casts to the input dtypes."""
 
@@ -197,13 +209,14 @@ class _Grads:
                 torch.mm(p.t(), hs, out=self.dw)
         else:
             if not self.dw_ready:
-                self.dw.zero_()
-            self.dw.index_add_(0, cols, torch.mm(p.t(), hs))
+                self.dw = _zeros_like(self.dw)
+            # index_put_ with accumulate: index_add_ on CPU costs time ∝ the whole [V, H].
+            self.dw.index_put_((cols,), torch.mm(p.t(), hs), accumulate=True)
         self.dw_ready = True
 
     def finish(self, ref):
         if self.dw is not None and not self.dw_ready:
-            self.dw.zero_()
+            self.dw = _zeros_like(self.dw)
         def out(g, dt):
             return ref.new_empty(0) if g is None else g.to(dt)
         return out(self.dh, self.dtypes[0]), out(self.dw, self.dtypes[1]), out(self.db, self.dtypes[2])
