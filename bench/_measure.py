@@ -49,8 +49,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds one call of ``fn`` takes (CUDA events on GPU so queued work is counted)."""
+def timed_call(fn: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
+    """``(wall seconds, CPU seconds of this process or None on GPU)`` of one call of ``fn``.
+
+    GPU: CUDA events, so queued kernels are counted. CPU: the process CPU time is given
+    too because on a shared machine it is far less disturbed by other jobs than wall time.
+    """
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
@@ -58,10 +62,10 @@ def timed_call(fn: Callable[[], object], device: torch.device) -> float:
         fn()
         end.record()
         torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+        return start.elapsed_time(end) / 1e3, None
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:

@@ -8,20 +8,22 @@ import time
 
 # Column order of the CSV (and of the JSON rows, which may carry a few more keys).
 FIELDS = ("method", "case", "mode", "status", "N", "B", "H", "V", "dtype", "device",
-          "fwd_s", "fwdbwd_s", "ratio_to_3gemm", "fwd_peak_mb", "peak_mb", "grad_mb",
-          "logit_mb", "target_p_mean", "repeats", "warmup", "compiled", "mem_source",
-          "threads", "device_name", "torch", "triton", "liger_kernel", "cut_cross_entropy",
+          "fwd_s", "fwdbwd_s", "ratio_to_3gemm", "fwd_cpu_s", "fwdbwd_cpu_s",
+          "cpu_ratio_to_3gemm", "fwd_peak_mb", "peak_mb", "grad_mb", "logit_mb",
+          "target_p_mean", "repeats", "warmup", "compiled", "mem_source", "threads", "load1",
+          "device_name", "git", "torch", "triton", "liger_kernel", "cut_cross_entropy",
           "time_utc")
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """``ratio_to_3gemm`` = fwd+bwd time / the 3-GEMM bound's, same problem, same run."""
-    bound = {_problem_key(r): r["fwdbwd_s"] for r in rows
-             if r["method"] == "3gemm" and r.get("status") == "ok"}
-    for r in rows:
-        b = bound.get(_problem_key(r))
-        ok = r.get("status") == "ok" and b
-        r["ratio_to_3gemm"] = r["fwdbwd_s"] / b if ok else None
+    """``ratio_to_3gemm`` = fwd+bwd time / the 3-GEMM bound's, same problem, same run
+    (``cpu_ratio_to_3gemm`` the same with process CPU time, CPU runs only)."""
+    for col, out in (("fwdbwd_s", "ratio_to_3gemm"), ("fwdbwd_cpu_s", "cpu_ratio_to_3gemm")):
+        bound = {_problem_key(r): r.get(col) for r in rows
+                 if r["method"] == "3gemm" and r.get("status") == "ok"}
+        for r in rows:
+            b, v = bound.get(_problem_key(r)), r.get(col)
+            r[out] = v / b if r.get("status") == "ok" and b and v is not None else None
 
 
 def _problem_key(r):
@@ -34,13 +36,14 @@ def _fmt(v, spec):
 
 def table(rows: list[dict]) -> str:
     head = (f"{'case':7} {'N':>5} {'H':>5} {'V':>6} {'method':25} {'fwd_s':>8} {'fwdbwd_s':>9} "
-            f"{'x3gemm':>7} {'peak_mb':>9} {'logit_mb':>9}  status")
+            f"{'x3gemm':>7} {'cpu_x3g':>7} {'fwd_pk_mb':>9} {'peak_mb':>9} {'logit_mb':>9}  status")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r.get('case', ''):7} {r.get('N', ''):>5} {r.get('H', ''):>5} {r.get('V', ''):>6} "
             f"{r['method']:25} {_fmt(r.get('fwd_s'), '8.3f')} {_fmt(r.get('fwdbwd_s'), '9.3f')} "
-            f"{_fmt(r.get('ratio_to_3gemm'), '7.2f')} {_fmt(r.get('peak_mb'), '9.1f')} "
+            f"{_fmt(r.get('ratio_to_3gemm'), '7.2f')} {_fmt(r.get('cpu_ratio_to_3gemm'), '7.2f')} "
+            f"{_fmt(r.get('fwd_peak_mb'), '9.1f')} {_fmt(r.get('peak_mb'), '9.1f')} "
             f"{_fmt(r.get('logit_mb'), '9.1f')}  {r.get('status')}")
     return "\n".join(lines)
 

@@ -6,6 +6,9 @@ method keeps CPU peak-RSS readings from mixing methods (freed memory, compile ca
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
 import sys
 import traceback
 
@@ -34,7 +37,7 @@ def measure(spec: dict) -> dict:
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     dev = torch.device(p.device)
-    row = {"method": method, "mode": MODES.get(method), "status": "ok"}
+    row = {"method": method, "mode": MODES.get(method), "status": "ok", **_context(dev)}
     why = unavailable(method, dev)
     if why:
         row["status"] = why
@@ -45,48 +48,77 @@ def measure(spec: dict) -> dict:
 
     # Without a resettable high-water mark only the first call can be measured on CPU.
     first_call_mem = dev.type == "cpu" and not M.can_reset_peak()
-    fwd_peaks, step_peaks, grad_bytes = [], [], 0
-    for i in range(warmup):
-        _clear_grads(inp)
-        if first_call_mem and i == 0:
-            step_peaks.append(M.peak_extra_bytes(step, dev))
-            grad_bytes = _grad_bytes(inp)
-        else:
-            step()
 
-    def run(fn):
-        """(seconds, peak extra bytes or None) of one call, measured together."""
+    def run(fn, with_mem):
+        """``(wall s, cpu s, peak extra bytes or None, grad bytes)`` of one call."""
         _clear_grads(inp)
-        if first_call_mem:
-            return M.timed_call(fn, dev), None
         t = {}
-        peak = M.peak_extra_bytes(lambda: t.setdefault("s", M.timed_call(fn, dev)), dev)
-        return t["s"], peak
 
-    fwd_s, step_s = [], []
-    for _ in range(repeats):
-        s, peak = run(forward)  # the loss (and its graph) is dropped when forward returns
-        fwd_s.append(s)
-        if peak is not None:
-            fwd_peaks.append(peak)
-    for _ in range(repeats):
-        s, peak = run(step)
-        step_s.append(s)
-        if peak is not None:
-            step_peaks.append(peak)
-            grad_bytes = _grad_bytes(inp)
+        def call():
+            t["s"] = M.timed_call(fn, dev)
+        if with_mem:
+            peak = M.peak_extra_bytes(call, dev)
+        else:
+            call()
+            peak = None
+        return (*t["s"], peak, _grad_bytes(inp))
+
+    first = [run(step, first_call_mem) for _ in range(warmup)]
+    fwd = [run(forward, not first_call_mem) for _ in range(repeats)]
+    steps = [run(step, not first_call_mem) for _ in range(repeats)]
     _clear_grads(inp)
-    peak_b = max(step_peaks) if step_peaks else None
+    mem_runs = first[:1] if first_call_mem else steps
+    peaks = [r[2] for r in mem_runs if r[2] is not None]
+    fwd_peaks = [r[2] for r in fwd if r[2] is not None]
+    grad_b = steps[-1][3]
     row.update({
-        "fwd_s": M.median(fwd_s), "fwdbwd_s": M.median(step_s),
+        "fwd_s": M.median([r[0] for r in fwd]), "fwdbwd_s": M.median([r[0] for r in steps]),
+        "fwd_cpu_s": _median_or_none([r[1] for r in fwd]),
+        "fwdbwd_cpu_s": _median_or_none([r[1] for r in steps]),
         "fwd_peak_mb": max(fwd_peaks) / M.MB if fwd_peaks else None,
-        "peak_mb": None if peak_b is None else peak_b / M.MB,
-        "grad_mb": grad_bytes / M.MB,
-        "logit_mb": None if peak_b is None else (peak_b - grad_bytes) / M.MB,
+        "peak_mb": max(peaks) / M.MB if peaks else None,
+        "grad_mb": grad_b / M.MB,
+        "logit_mb": (max(peaks) - grad_b) / M.MB if peaks else None,
         "mem_source": "first-call" if first_call_mem else (
             "cuda-allocator" if dev.type == "cuda" else "rss-hwm"),
+        "load1": os.getloadavg()[0],  # other jobs on the machine make timings noisy
     })
     return row
+
+
+def _median_or_none(xs):
+    return None if any(x is None for x in xs) else M.median(xs)
+
+
+def _context(dev: torch.device) -> dict:
+    """Where the row was measured: device, threads, and the checkout's code version."""
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    return {"device_name": name, "threads": torch.get_num_threads(), "git": _git_version()}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"CPU {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"CPU {platform.processor() or platform.machine()}"
+
+
+def _git_version() -> str | None:
+    """Commit of the checkout, ``+dirty`` if kernels/ or bench/ have uncommitted edits
+    (the kernels change under a running benchmark when others commit)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                             capture_output=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "bench"],
+                               cwd=root, text=True, capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("+dirty" if dirty.strip() else "")
 
 
 def main(argv=None) -> int:

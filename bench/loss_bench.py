@@ -14,7 +14,6 @@ import argparse
 import importlib.metadata as md
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -133,36 +132,21 @@ def run_worker(spec: dict, timeout: float, verbose: bool) -> dict:
             "status": f"error: worker rc={proc.returncode}{killed}: {tail}"[:400]}
 
 
-def environment(device: str) -> dict:
-    import torch
-    env = {"threads": torch.get_num_threads(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                        time.gmtime())}
-    if device == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(0)
-    else:
-        env["device_name"] = _cpu_name()
-    for pkg in ("torch", "triton", "liger_kernel", "cut_cross_entropy"):
+def versions() -> dict:
+    """Package versions and the run's start time (device/threads/git come from the workers)."""
+    env = {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for pkg, dist in (("torch", "torch"), ("triton", "triton"), ("liger_kernel", "liger-kernel"),
+                      ("cut_cross_entropy", "cut-cross-entropy")):
         try:
-            env[pkg] = md.version(pkg.replace("_", "-") if pkg == "cut_cross_entropy" else pkg)
+            env[pkg] = md.version(dist)
         except md.PackageNotFoundError:
             env[pkg] = None
     return env
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"CPU {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return f"CPU {platform.processor() or platform.machine()}"
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = environment(args.device)
+    env = versions()
     cache_dir = os.path.join(args.out_dir, "cache")
     rows = []
     for prob in problems(args):

@@ -40,11 +40,12 @@ def test_quick_run_rows(quick_rows):
     assert sorted(by) == sorted(CPU_METHODS)
     for m, r in by.items():
         assert r["status"] == "ok", (m, r["status"])
-        for k in ("fwd_s", "fwdbwd_s", "peak_mb", "logit_mb", "ratio_to_3gemm"):
+        for k in ("fwd_s", "fwdbwd_s", "fwd_cpu_s", "fwdbwd_cpu_s", "peak_mb", "logit_mb",
+                  "ratio_to_3gemm", "cpu_ratio_to_3gemm"):
             assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, (m, k, r[k])
         assert (r["N"], r["H"], r["V"], r["dtype"], r["device"]) == (512, 64, 49152, "fp32", "cpu")
         assert r["torch"] == torch.__version__.split("+")[0] or r["torch"] == torch.__version__
-    assert by["3gemm"]["ratio_to_3gemm"] == 1.0
+    assert by["3gemm"]["ratio_to_3gemm"] == 1.0 == by["3gemm"]["cpu_ratio_to_3gemm"]
     # Gradients ∂h + ∂W in fp32 are what every method must leave behind.
     assert by["naive"]["grad_mb"] == pytest.approx((512 * 64 + 49152 * 64) * 4 / 2**20)
     # Full logits are 96 MiB here; the fused loss must need less extra memory than naive.
@@ -72,6 +73,7 @@ def test_ratios_pair_rows_of_the_same_problem():
             dict(base, method="liger", status="skipped: x")]
     _report.add_ratios(rows)
     assert [r["ratio_to_3gemm"] for r in rows] == [1.0, 2.5, None, None]
+    assert all(r["cpu_ratio_to_3gemm"] is None for r in rows)  # no CPU times given
     assert "skipped: x" in _report.table(rows)
 
 
