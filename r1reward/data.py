@@ -1,0 +1,362 @@
+"""Preference pairs: the generated shapes data set and the release-format loader.
+
+Generated data (the embedded default): PNG images of large single-colour shapes; the
+facts are colour, shape, count and position. Each pair asks about one fact and holds a
+response faithful to the image and one with exactly that fact changed, worded
+identically otherwise, so the text alone never reveals the better response and the model
+has to look at the image. Everything is a pure function of the seed.
+
+Files are written in the release's training format (SPEC §4) so the same loader reads
+the generated data and real R1-Reward-RL records.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .prompt import format_judge_prompt, parse_judge_prompt
+
+# ----------------------------------------------------------------------------- facts
+IMAGE_SIZE = 112  # = the tiny processor's max_pixels side: 8x8 patches -> 16 vision tokens
+BACKGROUND = (255, 255, 255)
+# Far-apart RGB values so a tiny vision tower separates them after a few minutes.
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 205, 20),
+    "purple": (140, 40, 170),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+NUMBER_WORDS = ("one", "two", "three", "four")
+POSITIONS = ("left", "right", "top", "bottom")
+KINDS = ("color", "shape", "count", "position")
+DEFAULT_KINDS = ("color", "shape", "count")
+ASPECT = {"color": "color", "shape": "shape", "count": "number", "position": "position"}
+WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+
+
+@dataclass
+class PreferencePair:
+    """One judged pair. ``image`` is a path; ``preferred`` is 1 or 2.
+
+    ``meta`` (generated data only) records the asked fact: kind, shape, truth and the
+    wrong value; templated_analysis uses it. It is order-free: the preferred response
+    always carries ``truth``.
+    """
+
+    id: str
+    image: str
+    question: str
+    response_1: str
+    response_2: str
+    preferred: int
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.preferred not in (1, 2):
+            raise ValueError(f"PreferencePair {self.id!r}: preferred must be 1 or 2, got {self.preferred!r}")
+
+    def swapped(self) -> "PreferencePair":
+        """Same pair with the responses exchanged and ``preferred`` flipped (same id)."""
+        return dataclasses.replace(self, response_1=self.response_2, response_2=self.response_1,
+                                   preferred=3 - self.preferred, meta=dict(self.meta))
+
+    def responses(self) -> tuple[str, str]:
+        return self.response_1, self.response_2
+
+
+def _plural(shape: str) -> str:
+    return shape + "s"
+
+
+def _question(kind: str, shape: str) -> str:
+    return {
+        "color": f"What color is the {shape}?",
+        "shape": "What shape is in the image?",
+        "count": f"How many {_plural(shape)} are in the image?",
+        "position": f"Where is the {shape} in the image?",
+    }[kind]
+
+
+def _response(kind: str, shape: str, color: str, value: str) -> str:
+    if kind == "color":
+        return f"The {shape} is {value}."
+    if kind == "shape":
+        return f"The image shows a {color} {value}."
+    if kind == "count":
+        return f"There is one {shape}." if value == "one" else f"There are {value} {_plural(shape)}."
+    return f"The {color} {shape} is {WHERE[value]}."
+
+
+def _fact_phrase(kind: str, shape: str, color: str, truth: str) -> str:
+    if kind == "count":
+        return f"one {color} {shape}" if truth == "one" else f"{truth} {color} {_plural(shape)}"
+    if kind == "position":
+        return f"a {color} {shape} {WHERE[truth]}"
+    if kind == "shape":
+        return f"a {color} {truth}"
+    return f"a {truth} {shape}"
+
+
+def _value_phrase(kind: str, shape: str, value: str) -> str:
+    """How a response's claim is quoted in the analysis."""
+    if kind == "count":
+        return f"{value} {shape}" if value == "one" else f"{value} {_plural(shape)}"
+    if kind == "position":
+        return f"the {shape} is {WHERE[value]}"
+    if kind == "shape":
+        return f"a {value}"
+    return f"the {shape} is {value}"
+
+
+def templated_analysis(pair: PreferencePair) -> str:
+    """A short ``<think>…</think><answer>N</answer>`` judgment for the cold-start SFT.
+
+    It states the image's fact, checks each response against it and ends by arguing for
+    the right one (the consistency judge reads the last lines). Pairs without ``meta``
+    (release data) get a generic comparison that still ends with the correct choice.
+    """
+    k, other = pair.preferred, 3 - pair.preferred
+    m = pair.meta
+    if m.get("kind") in ASPECT:
+        kind, shape, color = m["kind"], m["shape"], m["color"]
+        vals = {k: m["truth"], other: m["wrong"]}
+        verdict = {k: "matches the image", other: "does not match the image"}
+        body = (f"The question asks about the {ASPECT[kind]}. "
+                f"The image shows {_fact_phrase(kind, shape, color, m['truth'])}. "
+                f"Response 1 says {_value_phrase(kind, shape, vals[1])}, which {verdict[1]}. "
+                f"Response 2 says {_value_phrase(kind, shape, vals[2])}, which {verdict[2]}. ")
+    else:
+        body = (f"Response {k} describes the image correctly. "
+                f"Response {other} contains a detail that does not match the image. ")
+    return f"<think>{body}Response {k} is faithful to the image, so Response {k} is better.</think><answer>{k}</answer>"
+
+
+def vocabulary_corpus() -> list[str]:
+    """Every sentence the generator and templated_analysis can write (one per fact
+    combination); the tiny tokenizer is trained on it so each word is a few tokens."""
+    out = []
+    for shape in SHAPES:
+        for color in COLORS:
+            for kind, values in (("color", list(COLORS)), ("shape", list(SHAPES)),
+                                 ("count", list(NUMBER_WORDS)), ("position", list(POSITIONS))):
+                truth = color if kind == "color" else shape if kind == "shape" else values[0]
+                for v in values:
+                    out.append(_question(kind, shape) + " " + _response(kind, shape, color, v))
+                    wrong = v if v != truth else values[1]
+                    if truth == wrong:
+                        continue
+                    for pref in (1, 2):
+                        pair = PreferencePair("v", "", "", "", "", pref, {
+                            "kind": kind, "shape": shape, "color": color, "truth": v, "wrong": wrong})
+                        out.append(templated_analysis(pair))
+    return out
+
+
+# ----------------------------------------------------------------------------- drawing
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], rgb) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=rgb)
+    elif shape == "square":
+        draw.rectangle(box, fill=rgb)
+    else:
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=rgb)
+
+
+def _sample(rng: random.Random, kind: str) -> tuple[Image.Image, dict]:
+    shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    S = IMAGE_SIZE
+    if kind == "count":
+        n = rng.randint(1, len(NUMBER_WORDS))
+        # One shape per quadrant (random quadrants) so shapes never overlap.
+        for q in rng.sample(range(4), n):
+            size = rng.randint(22, 30)
+            cx, cy = (q % 2) * S // 2, (q // 2) * S // 2
+            x = cx + rng.randint(4, S // 2 - size - 4)
+            y = cy + rng.randint(4, S // 2 - size - 4)
+            _draw_shape(draw, shape, (x, y, x + size, y + size), COLORS[color])
+        truth, values = NUMBER_WORDS[n - 1], NUMBER_WORDS
+    elif kind == "position":
+        pos = rng.choice(POSITIONS)
+        size = rng.randint(28, 36)
+        mid = (S - size) // 2 + rng.randint(-8, 8)
+        edge = rng.randint(4, 12)
+        x, y = {"left": (edge, mid), "right": (S - size - edge, mid),
+                "top": (mid, edge), "bottom": (mid, S - size - edge)}[pos]
+        _draw_shape(draw, shape, (x, y, x + size, y + size), COLORS[color])
+        truth, values = pos, POSITIONS
+    else:
+        size = rng.randint(48, 72)
+        x, y = rng.randint(4, S - size - 4), rng.randint(4, S - size - 4)
+        _draw_shape(draw, shape, (x, y, x + size, y + size), COLORS[color])
+        truth = color if kind == "color" else shape
+        values = tuple(COLORS) if kind == "color" else SHAPES
+    wrong = rng.choice([v for v in values if v != truth])
+    return img, {"kind": kind, "shape": shape, "color": color, "truth": truth, "wrong": wrong}
+
+
+def make_pair(rng: random.Random, kind: str, preferred: int, pair_id: str, image_path: str
+              ) -> tuple[PreferencePair, Image.Image]:
+    img, meta = _sample(rng, kind)
+    good = _response(kind, meta["shape"], meta["color"], meta["truth"])
+    bad = _response(kind, meta["shape"], meta["color"], meta["wrong"])
+    r1, r2 = (good, bad) if preferred == 1 else (bad, good)
+    return PreferencePair(pair_id, image_path, _question(kind, meta["shape"]), r1, r2, preferred, meta), img
+
+
+def pair_to_record(pair: PreferencePair) -> dict:
+    """Release training record (SPEC §4), text first as in the release's training data."""
+    message = [{"role": "user", "content": [
+        {"type": "text", "text": format_judge_prompt(pair.question, pair.response_1, pair.response_2)},
+        {"type": "image", "image": pair.image}]}]
+    rec = {"id": pair.id, "message": json.dumps(message, ensure_ascii=False), "question": pair.question,
+           "answer": [f"<answer>{pair.preferred}</answer>"]}
+    if pair.meta:
+        rec["meta"] = pair.meta
+    return rec
+
+
+def generate_dataset(out_dir, n_train: int, n_heldout: int, seed: int = 0,
+                     kinds: tuple[str, ...] = DEFAULT_KINDS) -> tuple[Path, Path]:
+    """Write ``train.jsonl`` and ``heldout.jsonl`` (+ ``images/*.png``) under ``out_dir``.
+
+    Kinds cycle in order so each split has them in equal shares; the gold index is
+    exactly balanced per split (shuffled). Image paths in the records are relative to
+    ``out_dir`` (load_pairs resolves them against the jsonl's folder), so the folder can
+    be moved. Same arguments -> same bytes.
+    """
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"generate_dataset: kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
+    if n_train < 0 or n_heldout < 0:
+        raise ValueError("generate_dataset: n_train and n_heldout must be >= 0")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, n, split_seed in (("train", n_train, seed), ("heldout", n_heldout, seed + 1_000_003)):
+        rng = random.Random(f"r1reward-{split}-{split_seed}")
+        gold = [1 + (i % 2) for i in range(n)]
+        rng.shuffle(gold)
+        path = out / f"{split}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for i in range(n):
+                rel = f"images/{split}_{i:06d}.png"
+                pair, img = make_pair(rng, kinds[i % len(kinds)], gold[i], f"{split}-{i:06d}", rel)
+                img.save(out / rel, format="PNG", optimize=False)
+                f.write(json.dumps(pair_to_record(pair), ensure_ascii=False) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+# ----------------------------------------------------------------------------- loading
+@dataclass
+class LoadResult:
+    pairs: list[PreferencePair]
+    skipped: list[tuple[int, str]]  # (1-based line number, reason naming the field)
+
+
+_ANSWER_RE = re.compile(r"^\s*(?:<answer>\s*([12])\s*</answer>|([12]))\s*$")
+
+
+def load_image(path) -> Image.Image:
+    """Open an image as RGB (palette/alpha/grey images are converted)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except Exception as e:  # PIL raises several types for corrupt files
+        raise ValueError(f"image file unreadable: {path} ({type(e).__name__}: {e})") from None
+
+
+def _parse_record(rec, line_no: int, base: Path) -> PreferencePair:
+    """One release record -> PreferencePair; raises ValueError naming the field."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"record is a {type(rec).__name__}, expected a JSON object")
+    if "message" not in rec:
+        raise ValueError("missing field 'message'")
+    msg = rec["message"]
+    if isinstance(msg, str):
+        try:
+            msg = json.loads(msg)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"field 'message' is not valid JSON ({e.msg} at char {e.pos})") from None
+    if not isinstance(msg, list) or not msg:
+        raise ValueError("field 'message' must be a non-empty list of chat messages")
+    text = image = None
+    for m in msg:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            text = text or content
+            continue
+        for item in content or []:
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "text" and text is None:
+                text = item.get("text")
+            elif item.get("type") == "image" or "image" in item:
+                image = image or item.get("image")
+    if not isinstance(text, str):
+        raise ValueError("field 'message' has no text content item")
+    parsed = parse_judge_prompt(text)
+    if parsed is None:
+        raise ValueError("field 'message': text is not the R1-Reward judge prompt (SPEC §1)")
+    if not image or not isinstance(image, str):
+        raise ValueError("field 'message' has no image content item (type 'image' with a path)")
+    img_path = Path(image)
+    if not img_path.is_absolute():
+        img_path = base / img_path if (base / img_path).exists() or not img_path.exists() else img_path
+    if not img_path.is_file():
+        raise ValueError(f"field 'message': image file not found: {img_path}")
+    try:
+        with Image.open(img_path) as im:
+            im.verify()  # header/structure check; cheap, no full decode
+    except Exception as e:
+        raise ValueError(f"field 'message': image file unreadable: {img_path} ({type(e).__name__})") from None
+    if "answer" not in rec:
+        raise ValueError("missing field 'answer'")
+    ans = rec["answer"]
+    ans = ans[0] if isinstance(ans, list) and len(ans) == 1 else ans
+    m = _ANSWER_RE.match(str(ans)) if isinstance(ans, (str, int)) else None
+    if not m:
+        raise ValueError(f"field 'answer' must be ['<answer>1</answer>'] or ['<answer>2</answer>'], got {rec['answer']!r}")
+    preferred = int(m.group(1) or m.group(2))
+    q, r1, r2 = parsed
+    meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
+    return PreferencePair(str(rec.get("id", f"line-{line_no}")), str(img_path), q, r1, r2, preferred, meta)
+
+
+def load_pairs(path, *, strict: bool = False) -> LoadResult:
+    """Read a release-format jsonl. Bad lines are skipped with a reason
+    ``"<file>:<line>: <field problem>"``; ``strict=True`` raises ValueError on the first."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_pairs: data file not found: {path}")
+    pairs, skipped = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"line is not valid JSON ({e.msg} at char {e.pos})") from None
+                pairs.append(_parse_record(rec, line_no, path.parent))
+            except ValueError as e:
+                reason = f"{path}:{line_no}: {e}"
+                if strict:
+                    raise ValueError(reason) from None
+                skipped.append((line_no, reason))
+    return LoadResult(pairs, skipped)

@@ -1,0 +1,131 @@
+"""The embedded default model: a tiny Qwen2.5-VL written as a real Hugging Face checkpoint.
+
+Nothing is downloaded: the tokenizer is a byte-level BPE trained locally (with
+``tokenizers``) on the prompt and on every sentence the data generator can write, wrapped
+as the Qwen2 tokenizer with the Qwen special tokens and chat template; the model is
+``Qwen2_5_VLForConditionalGeneration`` from a small config with random weights. The
+directory is then loaded with ``from_pretrained`` like any real checkpoint, so the
+trainer, evaluation and server exercise the same code path they use for Qwen2.5-VL-7B.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+# Bump when anything below changes what gets written: old caches are then not reused.
+TINY_VERSION = "1"
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+# Single tokens for the reward model's structure: they keep responses short for a tiny model.
+STRUCTURE_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
+
+# Qwen2-VL's chat format: default system turn, <|im_start|>role ... <|im_end|>, and an image
+# content item rendered as <|vision_start|><|image_pad|><|vision_end|> (the processor then
+# expands <|image_pad|> to one token per merged vision patch).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+BPE_VOCAB = 1200
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112  # images become 2x2 .. 4x4 merged vision tokens
+
+
+def default_model_dir() -> Path:
+    """The embedded tiny checkpoint, built once under ``$R1REWARD_CACHE`` (default
+    ``~/.cache/r1reward``) and reused."""
+    root = Path(os.environ.get("R1REWARD_CACHE", Path.home() / ".cache" / "r1reward"))
+    out = root / f"tiny-qwen2.5-vl-v{TINY_VERSION}"
+    if not (out / "config.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        # Build aside and rename, so an interrupted build never leaves a half checkpoint
+        # that later runs would take for a complete one.
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
+        try:
+            build_tiny_checkpoint(tmp)
+            try:
+                tmp.rename(out)
+            except OSError:  # another process won the race: use its copy
+                if not (out / "config.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def build_tokenizer():
+    """Byte-level BPE trained on the project's own text, as a Qwen2 tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    from .data import vocabulary_corpus
+    from .prompt import JUDGE_PROMPT
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = vocabulary_corpus() + [JUDGE_PROMPT, "You are a helpful assistant."]
+    bpe.train_from_iterator(corpus, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None,
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    tok.add_tokens(list(STRUCTURE_TOKENS))
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_config(tok):
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
+                tie_word_embeddings=False, bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  fullatt_block_indexes=[1], window_size=56)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                            vision_start_token_id=ids["<|vision_start|>"],
+                            vision_end_token_id=ids["<|vision_end|>"])
+
+
+def build_tiny_checkpoint(out_dir, seed: int = 0) -> Path:
+    """Write a complete, ``from_pretrained``-loadable tiny Qwen2.5-VL directory."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from .model import image_processor_for, save_processor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    cfg = tiny_config(tok)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = cfg.text_config.eos_token_id
+    model.generation_config.pad_token_id = cfg.text_config.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    save_processor(out, tok, image_processor_for(MIN_PIXELS, MAX_PIXELS))
+    return out
