@@ -26,6 +26,7 @@ from ._worker import ROW_PREFIX
 # Small enough for a smoke run, big enough that full logits (N·V·4 = 96 MiB) exceed the
 # torch backend's 64 MiB chunk buffer, so the memory columns still tell methods apart.
 QUICK = {"tokens": [512], "hidden": [64], "vocab": 49152, "batch": 4}
+FULL = {"tokens": [512], "hidden": [2048, 3584], "vocab": 151936, "batch": 4}  # the issue's
 # A fixed malloc mmap threshold makes every buffer >= 128 KiB its own mapping, returned to
 # the OS when freed, so RSS follows tensor lifetimes closely (glibc otherwise raises the
 # threshold after frees and keeps freed memory in the heap, hiding later peaks).
@@ -60,10 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cases", type=_choices(CASES), default=list(CASES),
                     help="random (all methods) and/or peaked (LM-like softmax; only "
                          + ", ".join(PEAKED_METHODS) + ")")
-    ap.add_argument("-N", "--tokens", type=_int_list, default=[512], help="tokens per batch")
-    ap.add_argument("--hidden", type=_int_list, default=[2048, 3584], help="hidden sizes H")
-    ap.add_argument("--vocab", type=int, default=151936, help="vocabulary size V")
-    ap.add_argument("--batch", type=int, default=4, help="sequences B (N must divide by it)")
+    ap.add_argument("-N", "--tokens", type=_int_list, help="tokens per batch (default 512)")
+    ap.add_argument("--hidden", type=_int_list, help="hidden sizes H (default 2048,3584)")
+    ap.add_argument("--vocab", type=int, help="vocabulary size V (default 151936)")
+    ap.add_argument("--batch", type=int, help="sequences B, N must divide by it (default 4)")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     ap.add_argument("--bf16", action="store_const", const="bf16", dest="dtype")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -71,8 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="timed calls per measurement, median reported (default 3 GPU, 1 CPU)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed fwd+bwd calls first")
     ap.add_argument("--quick", action="store_true",
-                    help=f"small shapes for smoke runs: N={QUICK['tokens'][0]}, "
-                         f"H={QUICK['hidden'][0]}, V={QUICK['vocab']}")
+                    help=f"small default shapes for smoke runs: N={QUICK['tokens'][0]}, "
+                         f"H={QUICK['hidden'][0]}, V={QUICK['vocab']} (explicit flags win)")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="disable torch.compile (Liger's loss math, CCE's CPU path): fast smoke runs")
     ap.add_argument("--target-p", type=float, default=0.9,
@@ -83,12 +84,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per method run")
     ap.add_argument("--verbose", action="store_true", help="show the workers' stderr")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.tokens, args.hidden = QUICK["tokens"], QUICK["hidden"]
-        args.vocab, args.batch = QUICK["vocab"], QUICK["batch"]
+    for k, v in (QUICK if args.quick else FULL).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    import torch
     if args.device == "auto":
-        import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch.cuda.is_available() is False here")
     if args.repeats is None:
         args.repeats = 3 if args.device == "cuda" else 1
     if args.repeats < 1 or args.warmup < 0:
