@@ -177,13 +177,21 @@ class RewardJudge:
                                response_1=r.response_1, response_2=r.response_2, preferred=1)
                 for i, r in enumerate(reqs)]
 
+    def _chunks(self, items, has_image):
+        """Batches of at most max_batch, never mixing pairs with and without an image
+        (the processor takes images for all prompts of a batch or for none)."""
+        for flag in (True, False):
+            idx = [i for i, it in enumerate(items) if has_image(it) == flag]
+            for s in range(0, len(idx), self.max_batch):
+                yield idx[s:s + self.max_batch]
+
     def _generate_texts(self, reqs, n: int, do_sample: bool) -> list[list[str]]:
         """n analyses per request (greedy when not do_sample)."""
         import torch
         from .generation import generate
-        out = []
-        for s in range(0, len(reqs), self.max_batch):
-            chunk = reqs[s:s + self.max_batch]
+        out = [None] * len(reqs)
+        for idx in self._chunks(reqs, lambda r: r.image is not None):
+            chunk = [reqs[i] for i in idx]
             with torch.no_grad():
                 gen = generate(self.model, self.processor, self._pairs(chunk), do_sample=do_sample,
                                temperature=self.temperature, top_p=self.top_p,
@@ -191,7 +199,8 @@ class RewardJudge:
             self.calls["generate"] += 1
             self.calls["sequences"] += len(gen.texts)
             # HF generate returns the n samples of a prompt next to each other
-            out += [gen.texts[i * n:(i + 1) * n] for i in range(len(chunk))]
+            for j, i in enumerate(idx):
+                out[i] = gen.texts[j * n:(j + 1) * n]
         return out
 
     def answer_token_ids(self) -> tuple[int, int]:
@@ -225,9 +234,9 @@ class RewardJudge:
         i1, i2 = self.answer_token_ids()
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         device = next(self.model.parameters()).device
-        out = []
-        for s in range(0, len(rows), self.max_batch):
-            chunk = rows[s:s + self.max_batch]
+        out = [None] * len(rows)
+        for idx in self._chunks(rows, lambda row: row[0].image is not None):
+            chunk = [rows[i] for i in idx]
             inputs = build_prompt_inputs(self.processor, self._pairs([r for r, _ in chunk]), device)
             ids, mask = inputs["input_ids"], inputs["attention_mask"]
             per_token = [k for k, v in inputs.items() if k not in ("input_ids", "attention_mask")
@@ -246,7 +255,8 @@ class RewardJudge:
                 logits = self.model(**kw, logits_to_keep=1).logits[:, -1, :].float()
             self.calls["forward"] += 1
             two = torch.stack([logits[:, i1], logits[:, i2]], dim=-1).softmax(-1)
-            out += two[:, 0].tolist()
+            for i, p in zip(idx, two[:, 0].tolist()):
+                out[i] = p
         return out
 
     # ---- sampling, voting, debiasing --------------------------------------------------

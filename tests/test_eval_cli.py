@@ -86,21 +86,22 @@ def test_bad_arguments_fail_clearly(tmp_path):
                 "--output", str(tmp_path)], judge=ScriptedJudge())
 
 
-def test_cli_on_embedded_tiny_model(tmp_path):
-    """The real path: tiny checkpoint, generated held-out pairs, both orders."""
-    pytest.importorskip("r1reward.generation")
-    pytest.importorskip("r1reward.model")
+def test_cli_on_embedded_tiny_model(tiny_dir, tmp_path):
+    """The real path: tiny checkpoint, generated held-out pairs, both orders, K = 3."""
     out = tmp_path / "tiny"
-    env = dict(os.environ, R1REWARD_CACHE=os.environ.get("R1REWARD_CACHE", str(Path.home() / ".cache/r1reward")))
-    proc = subprocess.run([sys.executable, "-m", "r1reward.eval", "--bench", "pairs", "--n-heldout", "4",
-                           "--limit", "2", "--swap", "--max-new-tokens", "8", "--no-progress",
-                           "--output", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    env = dict(os.environ, R1REWARD_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "r1reward.eval", "--bench", "pairs", "--model", str(tiny_dir),
+                           "--n-heldout", "4", "--limit", "2", "--swap", "--k", "3", "--max-new-tokens", "8",
+                           "--no-progress", "--output", str(out)], capture_output=True, text=True, env=env,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and s["n_items"] == 2 and s["n_skipped"] == 0
-    assert all(0.0 <= p <= 1.0 for r in rows for p in r["p1"])
-    assert 0.0 <= s["overall_accuracy"] <= 1.0
+    assert all(len(r["votes"]) == 3 and all(0.0 <= p <= 1.0 for p in r["p1"]) for r in rows)
+    assert set(s["by_k"]) == {"1", "3"} and 0.0 <= s["overall_accuracy"] <= 1.0
+    assert (tmp_path / "cache" / "heldout-s0-n4" / "heldout.jsonl").is_file()
+    assert "overall accuracy" in proc.stdout
 
 
 def test_pairs_bench_reads_generated_heldout(tmp_path):

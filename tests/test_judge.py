@@ -157,3 +157,51 @@ def test_answer_prefix_forces_an_answer_slot():
     assert J.RewardJudge.answer_prefix("<think>a</think><answer>2</answer>") == "<think>a</think><answer>"
     assert J.RewardJudge.answer_prefix("<think>a</think> trailing") == "<think>a</think><answer>"
     assert J.RewardJudge.answer_prefix("<think>cut off ") == "<think>cut off</think><answer>"
+
+
+# ----------------------------------------------------------------------------- tiny model
+
+@pytest.fixture(scope="module")
+def tiny_judge(tiny_dir):
+    return RewardJudge.from_pretrained(tiny_dir, max_new_tokens=8, max_batch=4)
+
+
+def test_calibrated_p1_equals_a_direct_forward(tiny_judge):
+    """The spliced, left-padded batch forward gives the same P("1") as one unpadded
+    forward over the chat prompt + analysis up to <answer> for each row alone."""
+    import torch
+    from r1reward.generation import prompt_texts
+    j, proc = tiny_judge, tiny_judge.processor
+    red, blue = Image.new("RGB", (112, 112), (220, 30, 30)), Image.new("RGB", (64, 96), (30, 60, 220))
+    rows = [(J.PairRequest(red, "What colour is the circle?", "Red.", "Blue."),
+             "<think>The circle is red, so response 1 is right.</think><answer>1</answer>"),
+            (J.PairRequest(blue, "Colour?", "It is green, surely, without any doubt.", "Blue."),
+             "<think>cut short"),
+            (J.PairRequest(red, "Shape?", "A circle.", "A square."), "")]
+    got = j._answer_p1(rows)
+    i1, i2 = j.answer_token_ids()
+    for (req, text), p in zip(rows, got):
+        prompt = prompt_texts(proc, j._pairs([req]))[0] + J.RewardJudge.answer_prefix(text)
+        inputs = proc(text=[prompt], images=[req.image], return_tensors="pt")
+        with torch.no_grad():
+            z = j.model(**inputs).logits[0, -1].float()
+        want = torch.softmax(torch.stack([z[i1], z[i2]]), 0)[0].item()
+        assert p == pytest.approx(want, abs=1e-4)
+
+
+def test_judge_and_rank_on_tiny_model(tiny_judge):
+    j = tiny_judge
+    img = _png_bytes()
+    r = j.judge(img, "What colour is it?", "Green.", "Red.", k=3, swap=True, early_stop=False)
+    assert r.samples == 6 and len(r.votes) == 6 and r.verdict in (1, 2)
+    assert 0.0 <= r.score <= 1.0
+    assert r.score == pytest.approx((r.order_scores["original"] + r.order_scores["swapped"]) / 2)
+    # swapping the responses mirrors the debiased score (greedy, so deterministic)
+    a = j.judge(img, "What colour is it?", "Green.", "Red.", k=1)
+    b = j.judge(img, "What colour is it?", "Red.", "Green.", k=1)
+    assert a.score == pytest.approx(1 - b.score, abs=1e-5)
+    calls = j.calls["generate"] + j.calls["forward"]
+    rk = j.rank(img, "What colour is it?", ["Green.", "Red.", "Blue."])
+    assert sorted(rk.order) == [0, 1, 2] and rk.comparisons == 3
+    # 3 pairs x 2 orders = 6 prompts in batches of 4: 2 generate + 2 scoring calls
+    assert rk.model_calls == j.calls["generate"] + j.calls["forward"] - calls == 4
