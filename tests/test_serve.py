@@ -132,3 +132,29 @@ def test_burst_of_concurrent_clients_is_batched(server):
     assert sum(srv.batcher.batch_sizes) == 64
     assert max(srv.batcher.batch_sizes) > 1  # concurrent requests shared model calls
     assert max(judge.batches) <= 2 * 8       # a batch is at most max_batch pairs x 2 orders
+
+
+def test_tiny_model_served_over_http(tiny_dir, tmp_path):
+    """The embedded tiny model behind the server gives the library's own judgment."""
+    from r1reward.judge import RewardJudge
+    judge = RewardJudge.from_pretrained(tiny_dir, max_new_tokens=8)
+    Image.new("RGB", (112, 112), (220, 30, 30)).save(tmp_path / "red.png")
+    srv = S.make_server(judge, "127.0.0.1", 0, str(tmp_path))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = "http://%s:%d" % srv.server_address[:2]
+    try:
+        body = {"question": "What colour is the shape?", "response_1": "Red.", "response_2": "Blue."}
+        with ThreadPoolExecutor(3) as ex:
+            answers = list(ex.map(lambda im: _call(url, "/judge", dict(body, image=im)),
+                                  ["red.png", _png_b64((112, 112)), "red.png"]))
+        assert all(st == 200 for st, _ in answers)
+        want = judge.judge(tmp_path / "red.png", body["question"], "Red.", "Blue.")
+        for st, out in (answers[0], answers[2]):
+            assert out["verdict"] == want.verdict and out["votes"] == want.votes
+            assert out["score"] == pytest.approx(want.score, abs=1e-4)
+        st, out = _call(url, "/get_reward", {"query": ["Q Red."], "prompts": ["Q"], "images": ["red.png"]})
+        assert st == 200 and 0.0 <= out["rewards"][0] <= 1.0
+    finally:
+        srv.shutdown()
+        srv.batcher.close()
+        srv.server_close()
