@@ -153,6 +153,7 @@ def cache_key(model_dir: Path, examples, cfg: SFTConfig, seed: int) -> str:
 def cold_start(model_dir, examples, cfg: SFTConfig, seed: int = 0, log=print,
                cache: Path | None = None) -> tuple[Path, dict]:
     """SFT ``model_dir`` on ``examples`` once; returns (HF dir of the result, info)."""
+    log = log or (lambda msg: None)
     from r1reward.model import load_model_and_processor
     from r1reward.tiny import default_model_dir
     model_dir = Path(model_dir) if model_dir else default_model_dir()

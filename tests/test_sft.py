@@ -1,0 +1,56 @@
+"""Cold-start SFT: it learns the format targets, its result is cached, bad SFT files are
+reported by line and field."""
+import json
+import time
+
+import pytest
+
+from r1reward.config import SFTConfig
+from r1reward.sft import cold_start, load_sft_file, templated_examples
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    from r1reward.data import generate_dataset, load_pairs
+    train, _ = generate_dataset(tmp_path_factory.mktemp("sftdata"), 8, 0, seed=1)
+    return load_pairs(train, strict=True).pairs, train
+
+
+def test_examples_are_balanced_and_formatted(pairs):
+    ex = templated_examples(pairs[0], 6, seed=0)
+    assert len(ex) == 6
+    for p, target in ex:
+        assert target.startswith("<think>") and target.endswith(f"<answer>{p.preferred}</answer>")
+    assert {p.preferred for p, _ in ex} == {1, 2}
+
+
+def test_cold_start_learns_and_is_cached(pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("R1REWARD_CACHE", str(tmp_path / "cache"))
+    ex = templated_examples(pairs[0], 4, seed=0)
+    cfg = SFTConfig(steps=6, batch_size=4, lr=3e-3)
+    out, info = cold_start(None, ex, cfg, seed=0, log=None, cache=tmp_path / "cache")
+    assert info["cached"] is False and info["final_loss"] < info["first_loss"]
+    assert (out / "model.safetensors").is_file() and (out / "sft_info.json").is_file()
+    t0 = time.time()
+    out2, info2 = cold_start(None, ex, cfg, seed=0, log=None, cache=tmp_path / "cache")
+    assert out2 == out and info2["cached"] is True and time.time() - t0 < 30
+    out3, _ = cold_start(None, ex, SFTConfig(steps=1, batch_size=4), seed=0, log=None,
+                         cache=tmp_path / "cache")
+    assert out3 != out  # different settings, different cache entry
+
+
+def test_sft_file_requires_response_field(pairs, tmp_path):
+    _, train = pairs
+    lines = train.read_text().splitlines()
+    recs = [json.loads(x) for x in lines[:3]]
+    recs[0]["response"] = "<think>Response 1 is right.</think><answer>1</answer>"
+    recs[1]["response"] = ""
+    f = train.parent / "sft.jsonl"  # image paths are relative to the data folder
+    f.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    examples, skipped = load_sft_file(f)
+    assert len(examples) == 1 and examples[0][1].endswith("<answer>1</answer>")
+    assert any("sft.jsonl:2: field 'response'" in s for s in skipped)
+    assert any("sft.jsonl:3: field 'response'" in s for s in skipped)
+    f.write_text(json.dumps(recs[1]) + "\n")
+    with pytest.raises(ValueError, match="no usable SFT examples"):
+        load_sft_file(f)

@@ -1,0 +1,125 @@
+"""End to end on the embedded tiny VLM (tiny step counts): summary/metrics contract,
+exact resume, HF export reload, health rollback, bad input."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from r1reward.config import parse_args
+from r1reward.train import TIMING_KEYS, run
+
+BACKEND = "auto"
+REQUIRED_ROW = ("step", "reward", "accuracy", "format_rate", "kl", "preclip_frac", "clip_frac",
+                "filtered_frac", "answer1_rate")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    # One cache (tiny model, generated data, SFT result) shared by this module's runs.
+    mp = pytest.MonkeyPatch()
+    d = tmp_path_factory.mktemp("r1cache")
+    mp.setenv("R1REWARD_CACHE", str(d))
+    yield d
+    mp.undo()
+
+
+def tiny_args(out, *extra):
+    return ["--output", str(out), "--no-progress", "--data.n_train", "12", "--data.n_heldout", "4",
+            "--sft.steps", "2", "--sft.n_examples", "4", "--sft.batch_size", "4",
+            "--rollout.batch_size", "4", "--rollout.max_new_tokens", "12",
+            "--eval.max_new_tokens", "12", "--eval.limit", "2", "--algo.micro_batch_size", "4",
+            "--algo.backend", BACKEND, *extra]
+
+
+def rows(run_dir):
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_default_pipeline_contract_and_export(tmp_path):
+    out = tmp_path / "run"
+    summary = run(parse_args(tiny_args(out, "--steps", "2", "--checkpoint.interval", "1",
+                                       "--checkpoint.keep", "1")))
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["steps"] == 2 and on_disk["wall_seconds"] > 0
+    for k in ("heldout_accuracy_before", "heldout_accuracy_after"):
+        assert 0.0 <= on_disk[k] <= 1.0
+    assert on_disk["heldout_before"]["n"] == 4  # 2 pairs x both orders
+    assert summary["sft"]["examples"] == 4
+    r = rows(out)
+    assert [x["step"] for x in r] == [1, 2]
+    for x in r:
+        assert set(REQUIRED_ROW) <= set(x) and set(TIMING_KEYS) <= set(x)
+        assert 0.0 <= x["answer1_rate"] <= 1.0 and 0.0 <= x["filtered_frac"] <= 1.0
+        assert math.isfinite(x["loss"]) and x["health"] == "ok"
+    assert json.loads((out / "config.json").read_text())["steps"] == 2
+    assert list((out / "tb").iterdir())  # TensorBoard events
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]  # keep=1
+
+    from r1reward.model import load_model_and_processor  # from_pretrained, as for real ones
+    back, processor = load_model_and_processor(out / "export")
+    assert type(back.lm_head) is torch.nn.Linear and processor.tokenizer is not None
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    common = ("--steps", "3", "--checkpoint.interval", "1", "--no-eval.enabled",
+              "--no-checkpoint.export")
+    run(parse_args(tiny_args(tmp_path / "full", *common)))
+    run(parse_args(tiny_args(tmp_path / "cut", *common, "--stop_after", "2")))
+    assert len(rows(tmp_path / "cut")) == 2 and not (tmp_path / "cut" / "summary.json").exists()
+    run(parse_args(tiny_args(tmp_path / "cut", *common, "--resume")))
+
+    def strip(rs):
+        return [{k: v for k, v in x.items() if k not in TIMING_KEYS} for x in rs]
+    assert strip(rows(tmp_path / "cut")) == strip(rows(tmp_path / "full"))
+
+
+def test_grad_spike_rolls_back_with_lower_lr(tmp_path, monkeypatch):
+    # The first step's grad norm is 1, every later one 1e9 (a spike): step 2 is retried
+    # from the step-1 checkpoint with a halved LR each time until max_rollbacks is hit.
+    import r1reward.train as train_mod
+    real, calls = train_mod.grad_norm_and_clip, []
+
+    def fake(model, max_norm):
+        real(model, max_norm)
+        calls.append(1)
+        return 1.0 if len(calls) == 1 else 1e9
+    monkeypatch.setattr(train_mod, "grad_norm_and_clip", fake)
+    out = tmp_path / "run"
+    summary = run(parse_args(tiny_args(
+        out, "--steps", "4", "--checkpoint.interval", "1", "--no-eval.enabled",
+        "--no-checkpoint.export", "--no-sft.enabled", "--health.min_history", "1",
+        "--health.max_bad_steps", "1", "--health.max_rollbacks", "2",
+        "--optim.warmup_steps", "0", "--optim.min_lr_ratio", "1")))
+    r = rows(out)
+    assert r[0]["health"] == "ok"
+    retries = [x for x in r[1:] if x["step"] == 2]
+    assert len(retries) == 3 and all(x["health"].startswith("rollback:grad_spike") for x in retries)
+    lrs = [x["lr"] for x in retries]
+    assert lrs[0] == r[0]["lr"] and lrs[1] == lrs[0] * 0.5 and lrs[2] == lrs[1] * 0.5
+    assert summary["rollbacks"] == 3 and "stopped early" in summary["stopped_early"]
+
+
+def test_bad_lines_are_skipped_and_counted(tmp_path, cache):
+    from r1reward.data import generate_dataset
+    train, held = generate_dataset(tmp_path / "data", 6, 2, seed=5)
+    lines = train.read_text().splitlines()
+    broken = json.loads(lines[1])
+    broken["message"] = broken["message"].replace(".png", "_missing.png")
+    bad = tmp_path / "data" / "mixed.jsonl"
+    bad.write_text("\n".join([lines[0], "{not json", json.dumps(broken), '{"answer": ["<answer>1</answer>"]}']
+                             + lines[2:]) + "\n")
+    out = tmp_path / "run"
+    summary = run(parse_args(tiny_args(out, "--data", str(bad), "--data.heldout", str(held),
+                                       "--steps", "1", "--no-sft.enabled", "--no-eval.enabled",
+                                       "--no-checkpoint.export")))
+    assert summary["data"]["skipped"] == 3 and summary["data"]["n_train"] == 5
+    text = (out / "skipped_lines.txt").read_text()
+    assert "mixed.jsonl:2:" in text and "mixed.jsonl:3:" in text and "'message'" in text
+
+    allbad = tmp_path / "data" / "allbad.jsonl"
+    allbad.write_text("{not json\n")
+    with pytest.raises(ValueError, match="allbad.jsonl: no usable training pairs"):
+        run(parse_args(tiny_args(tmp_path / "run2", "--data", str(allbad), "--steps", "1",
+                                 "--no-sft.enabled", "--no-eval.enabled")))
