@@ -100,3 +100,24 @@ def test_fsdp_two_ranks_match_single_process(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+def test_torchrun_two_rank_fsdp_training_run(tmp_path):
+    # The command on this CPU box: torchrun --nproc_per_node=2 -m r1reward.train --fsdp
+    out = tmp_path / "run"
+    r = torchrun(["-m", "r1reward.train", "--fsdp", "--output", str(out), "--steps", "2",
+                  "--no-progress", "--data.n_train", "8", "--data.n_heldout", "2",
+                  "--no-sft.enabled", "--rollout.batch_size", "4",
+                  "--rollout.max_new_tokens", "8", "--eval.max_new_tokens", "8",
+                  "--checkpoint.interval", "1"],
+                 env_extra={"R1REWARD_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-4000:]
+    import json
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert 0.0 <= summary["heldout_accuracy_after"] <= 1.0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2]
+    ck = out / "checkpoints" / "step_000002"
+    assert (ck / "rng_rank0.pt").is_file() and (ck / "rng_rank1.pt").is_file()
+    assert (out / "export" / "model.safetensors").is_file()
