@@ -151,11 +151,14 @@ def plot(summary: dict, path: Path):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(ks, [m["overall_accuracy"] for m in ms], "o-", label="Voting@K")
     ax.plot(ks, [m["any_at_k"] for m in ms], "s--", label="Any@K")
+    if any(m.get("debiased_score_accuracy") is not None for m in ms):
+        ax.plot(ks, [m.get("debiased_score_accuracy") for m in ms], "^-.", label="debiased score")
     for c in sorted(ms[-1]["per_category"]):
         ax.plot(ks, [m["per_category"].get(c) for m in ms], ":", alpha=0.7, label=c)
     ax.set_xlabel("K (sampled judgments)")
     ax.set_ylabel("accuracy")
     ax.set_xticks(ks)
+    ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"{summary['bench']}: accuracy vs K")
     ax.legend(fontsize=7)
     fig.tight_layout()
