@@ -28,11 +28,31 @@ def prompt_texts(processor, pairs: list[PreferencePair]) -> list[str]:
         tokenize=False, add_generation_prompt=True) for p in pairs]
 
 
+def _as_image(image):
+    """A pair's image as a PIL RGB image: paths are opened, PIL images converted."""
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        return load_image(image)
+    if hasattr(image, "convert"):
+        return image.convert("RGB")
+    raise TypeError(f"pair image must be a path or a PIL image, got {type(image).__name__}")
+
+
 def build_prompt_inputs(processor, pairs: list[PreferencePair], device="cpu"):
-    """Tokenized chat prompts with their images, left-padded for generation."""
+    """Tokenized chat prompts with their images, left-padded for generation.
+
+    Images may differ in size: the processor concatenates their patches into one
+    ``pixel_values`` and gives one ``image_grid_thw`` row per image. A batch is either
+    all image pairs or all text-only pairs (``image=None``); the processor cannot mix them.
+    """
+    if not pairs:
+        raise ValueError("build_prompt_inputs: empty batch of pairs")
+    has_image = [p.image is not None for p in pairs]
+    if any(has_image) and not all(has_image):
+        raise ValueError("build_prompt_inputs: a batch mixes pairs with and without an image "
+                         f"(ids without: {[p.id for p, h in zip(pairs, has_image) if not h]}); "
+                         "batch them separately")
     processor.tokenizer.padding_side = "left"
-    images = [load_image(p.image) if isinstance(p.image, (str, bytes)) or hasattr(p.image, "__fspath__")
-              else p.image for p in pairs]
+    images = [_as_image(p.image) for p in pairs] if all(has_image) else None
     return processor(text=prompt_texts(processor, pairs), images=images, padding=True,
                      return_tensors="pt").to(device)
 
