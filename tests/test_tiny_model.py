@@ -50,3 +50,27 @@ def test_generation_masks_stop_at_end_of_turn(tiny_dir, tmp_path):
     eot = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = torch.tensor([[5, 6, eot, 7, eot], [5, 6, 7, 8, 9]])
     assert response_mask(ids, [eot]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_build_is_byte_deterministic_and_auto_classes_load(tmp_path):
+    import hashlib
+
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    from r1reward.tiny import build_tiny_checkpoint
+    a, b = build_tiny_checkpoint(tmp_path / "a", seed=0), build_tiny_checkpoint(tmp_path / "b", seed=0)
+    names = sorted(p.name for p in a.iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= set(names)
+    for n in names:
+        assert hashlib.sha256((a / n).read_bytes()).digest() == hashlib.sha256((b / n).read_bytes()).digest(), n
+    cfg = AutoConfig.from_pretrained(a)
+    tok = AutoTokenizer.from_pretrained(a)
+    assert cfg.text_config.vocab_size == len(tok)
+    assert cfg.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert tok.eos_token == "<|im_end|>"
+    # Structure tokens survive decoding with special tokens stripped (the format reward
+    # reads decoded text); the end-of-turn token does not.
+    s = "<think>Response 2 is better.</think><answer>2</answer>"
+    assert tok.decode(tok.encode(s + "<|im_end|>"), skip_special_tokens=True) == s
+    ip = AutoImageProcessor.from_pretrained(a)
+    assert (ip.size["shortest_edge"], ip.size["longest_edge"]) == (56 * 56, 112 * 112)
