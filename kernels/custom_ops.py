@@ -6,11 +6,18 @@ ops with a fake (shape-only) implementation and a registered autograd formula, e
 entry point is one opaque node, so ``torch.compile(fullgraph=True)`` works and eager
 behaviour is unchanged.
 
-:func:`make_backend` takes three implementations with the signatures of
-``torch_chunked.token_logprobs_fwd_impl``, ``token_logprobs_bwd_impl`` and
-``fused_loss_impl`` and returns the two backend entry points ``functional.py`` calls.
-Any backend (e.g. Triton) can reuse it with its own impls and a different ``name``.
+:func:`make_backend` takes the import path of a module defining
+``token_logprobs_fwd_impl``, ``token_logprobs_bwd_impl`` and ``fused_loss_impl`` (the
+signatures of :mod:`.torch_chunked`'s) and returns the two backend entry points that
+``functional.py`` calls. Any backend (e.g. Triton) can reuse it with its own module.
+
+Registration happens once per process and the op bodies always look the impls up in
+the canonical module (``r1reward.kernels.…``): the source folder is also importable as a
+top-level ``kernels`` package when the repository root is on ``sys.path``, and
+transformers imports whatever ``kernels`` it finds while probing for the Hugging Face
+package of that name. A second registration of the same op names would break the ops.
 """
+import importlib
 from typing import Optional
 
 import torch
@@ -30,8 +37,54 @@ def _settings_args(s: LossSettings):
             float(s.kl_coef), s.kl_estimator)
 
 
-def make_backend(name, lp_fwd_impl, lp_bwd_impl, fused_impl):
-    """Register ``r1reward::{name}_*`` ops; return ``(token_logprobs, fused_loss)``."""
+def _impl(module, attr):
+    return getattr(importlib.import_module(module), attr)
+
+
+def _registered(opname):
+    try:
+        getattr(getattr(torch.ops, NAMESPACE), opname)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def make_backend(name, impl_module):
+    """``(token_logprobs, fused_loss)`` entry points over ``r1reward::{name}_*`` custom ops
+    whose bodies call the ``*_impl`` functions of ``impl_module`` (registered once)."""
+    if not _registered(f"{name}_fused_loss"):
+        _register(name, impl_module)
+    ops = getattr(torch.ops, NAMESPACE)
+    lp_fwd = getattr(ops, f"{name}_token_logprobs").default
+    fused = getattr(ops, f"{name}_fused_loss").default
+
+    def token_logprobs(h, weight, targets, *, bias, temperature, ignore_index, return_entropy):
+        lp, _, ent = lp_fwd(h, weight, targets, bias, float(temperature), int(ignore_index),
+                            bool(return_entropy))
+        return lp, (ent if return_entropy else None)
+
+    def fused_loss(h, weight, targets, old_lp, adv, ref_lp, tok_weight, valid, *, bias,
+                   temperature, settings, return_entropy, filter_eps):
+        preclip, clip_eps, dual_clip, kl_coef, kl_est = _settings_args(settings)
+        loss, lp, ent, _, _, _ = fused(
+            h, weight, targets, old_lp, adv, ref_lp, tok_weight, valid, bias,
+            float(temperature), preclip, clip_eps, dual_clip, kl_coef, kl_est,
+            bool(return_entropy), None if filter_eps is None else float(filter_eps),
+            _needs(h), _needs(weight), _needs(bias))
+        return loss, lp, (ent if return_entropy else None)
+
+    return token_logprobs, fused_loss
+
+
+def _register(name, impl_module):
+    def lp_fwd_impl(*a):
+        return _impl(impl_module, "token_logprobs_fwd_impl")(*a)
+
+    def lp_bwd_impl(*a):
+        return _impl(impl_module, "token_logprobs_bwd_impl")(*a)
+
+    def fused_impl(*a):
+        return _impl(impl_module, "fused_loss_impl")(*a)
 
     # ---- token log-probs: forward op, backward op, autograd glue -------------------
     @torch.library.custom_op(f"{NAMESPACE}::{name}_token_logprobs", mutates_args=())
@@ -76,11 +129,6 @@ def make_backend(name, lp_fwd_impl, lp_bwd_impl, fused_impl):
                 db if nb and bias is not None else None, None, None, None)
 
     lp_fwd.register_autograd(lp_backward, setup_context=lp_setup)
-
-    def token_logprobs(h, weight, targets, *, bias, temperature, ignore_index, return_entropy):
-        lp, _, ent = lp_fwd(h, weight, targets, bias, float(temperature), int(ignore_index),
-                            bool(return_entropy))
-        return lp, (ent if return_entropy else None)
 
     # ---- fused loss: gradients computed in the forward, backward only scales them ----
     @torch.library.custom_op(f"{NAMESPACE}::{name}_fused_loss", mutates_args=())
@@ -134,18 +182,6 @@ def make_backend(name, lp_fwd_impl, lp_bwd_impl, fused_impl):
                 scale(db) if need[8] and ctx.has_bias else None) + (None,) * 11
 
     fused.register_autograd(fused_backward, setup_context=fused_setup)
-
-    def fused_loss(h, weight, targets, old_lp, adv, ref_lp, tok_weight, valid, *, bias,
-                   temperature, settings, return_entropy, filter_eps):
-        preclip, clip_eps, dual_clip, kl_coef, kl_est = _settings_args(settings)
-        loss, lp, ent, _, _, _ = fused(
-            h, weight, targets, old_lp, adv, ref_lp, tok_weight, valid, bias,
-            float(temperature), preclip, clip_eps, dual_clip, kl_coef, kl_est,
-            bool(return_entropy), None if filter_eps is None else float(filter_eps),
-            _needs(h), _needs(weight), _needs(bias))
-        return loss, lp, (ent if return_entropy else None)
-
-    return token_logprobs, fused_loss
 
 
 __all__ = ["make_backend", "NAMESPACE"]

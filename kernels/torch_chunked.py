@@ -354,7 +354,7 @@ def _fused_chunk(ck, rows, hc, tc, old_lp, adv, ref_lp, tok_weight, settings, lp
 # Backend entry points (called by functional.py) are the custom-op wrappers.
 from .custom_ops import make_backend  # noqa: E402  (needs the impls above)
 
-token_logprobs, fused_loss = make_backend(
-    "torch_chunked", token_logprobs_fwd_impl, token_logprobs_bwd_impl, fused_loss_impl)
+# The op bodies run this module's impls under its canonical name (see custom_ops).
+token_logprobs, fused_loss = make_backend("torch_chunked", "r1reward.kernels.torch_chunked")
 
 __all__ = ["token_logprobs", "fused_loss", "rows_per_chunk", "LOGIT_BUDGET_BYTES"]
