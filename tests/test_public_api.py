@@ -146,3 +146,31 @@ def test_triton_backend_refused_on_cpu_unless_interpreting(monkeypatch):
     with pytest.raises(ValueError, match="use backend='torch' on CPU"):
         K.resolve_backend("triton", torch.device("cpu"))
     assert K.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_double_import_as_top_level_kernels_keeps_ops_working():
+    # With the repository root on sys.path the source folder is also the top-level package
+    # "kernels", and transformers imports it while probing for the Hugging Face package of
+    # that name. Either import order must leave one working set of ops.
+    import subprocess
+    import sys
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import kernels, torch\n"  # the shadow copy first: it registers the ops
+        "import r1reward.kernels as K, r1reward.kernels.torch_chunked as tc\n"
+        "assert kernels.torch_chunked is not tc\n"
+        "h = torch.randn(1, 6, 4, requires_grad=True); w = torch.randn(9, 4)\n"
+        "y = torch.randint(0, 9, (1, 6)); m = torch.ones(1, 6, dtype=torch.bool)\n"
+        "tc.LOGIT_BUDGET_BYTES = 9 * 4 * 2\n"  # the canonical module's setting is the one used
+        "calls = []; orig = tc.rows_per_chunk\n"
+        "tc.rows_per_chunk = lambda n, v: calls.append(n) or orig(n, v)\n"
+        "loss, _ = K.fused_stable_reinforce_loss(h, w, y, torch.zeros(1, 6) - 2.2, torch.ones(1), m,"
+        " backend='torch')\n"
+        "loss.backward()\n"
+        "ref, _ = K.fused_stable_reinforce_loss(h, w, y, torch.zeros(1, 6) - 2.2, torch.ones(1), m,"
+        " backend='reference')\n"
+        "assert calls and torch.allclose(loss, ref), (calls, loss, ref)\n"
+        "print('ok')\n") % str(ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
