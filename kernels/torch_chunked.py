@@ -1,9 +1,10 @@
 """Chunked PyTorch backend ("torch"): never holds ``[N, V]`` logits, runs on any device.
 
 Rows are processed ``C`` at a time against the full vocabulary, with ``C·V·4`` bytes
-≤ :data:`LOGIT_BUDGET_BYTES` (one preallocated fp32 buffer, reused in place; the matmul
-writes into it with ``out=``). Inputs of any float dtype are cast to fp32 per chunk (the
-weight once per call) so every reduction accumulates in fp32.
+≤ :data:`LOGIT_BUDGET_BYTES`: one fp32 chunk of logits is alive at a time (a reused
+buffer that the matmul writes with ``out=``, or on CPU the oneDNN matmul's output), and
+everything after the matmul works in place on it. Inputs of any float dtype are cast to
+fp32 per chunk (the weight once per call) so every reduction accumulates in fp32.
 
 * ``fused_loss``: gradients are computed during the forward pass (SPEC §6): per chunk
   ``z → lse → lp → g = dL/dlp → dz = g·(onehot − softmax)/τ → ∂h = dz·W, ∂W += dzᵀ·h``.
@@ -25,7 +26,7 @@ from .loss_math import LossSettings, loss_and_grad
 # Peak size of the per-chunk logit buffer (the only O(rows·V) allocation).
 LOGIT_BUDGET_BYTES = 64 << 20
 # In filtered mode, above this fraction of surviving vocab columns the dense GEMMs are
-# cheaper than gathering the weight rows (index_select + index_add_ copy H floats per row).
+# cheaper than gathering the weight rows (index_select + index_put_ copy H floats per row).
 FILTER_DENSE_FRACTION = 0.5
 # Vocab block for the entropy reduction, so its temporary stays small.
 _ENTROPY_BLOCK = 8192
@@ -41,6 +42,7 @@ def rows_per_chunk(n_rows: int, vocab: int) -> int:
 
 
 def _check_targets(t, vocab, what):
+    """A bad token id would index out of the vocabulary: name it instead (one host sync)."""
     if t.numel() and (bool((t < 0).any()) or bool((t >= vocab).any())):
         bad = t[(t < 0) | (t >= vocab)][0].item()
         raise ValueError(f"targets: {what} contains token id {bad} outside [0, V={vocab})")
