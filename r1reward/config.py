@@ -35,19 +35,21 @@ class SFTConfig:
     enabled: bool = True
     data: str | None = None  # JSONL with {"message"|pair fields, "response"}; None = templated
     n_examples: int = 16  # size of the cold-start subset (small, as in the paper)
-    steps: int = 30
+    steps: int = 100  # enough for the tiny model to emit the format reliably (greedy)
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
 
 
 @dataclass
 class RolloutConfig:
-    batch_size: int = 16  # prompts per RL step
+    batch_size: int = 32  # prompts per RL step
     n_samples: int = 1  # samples per prompt (GRPO/RLOO need > 1)
-    temperature: float = 1.0
+    # The release samples at 1.0; the tiny default model's distributions are broad enough
+    # that at 1.0 most ~65-token judgments break the format, so its default is 0.7.
+    temperature: float = 0.7
     top_p: float = 1.0
-    max_new_tokens: int = 48
+    max_new_tokens: int = 80
     balance_positions: bool = True  # present every other pair swapped
 
 
@@ -73,14 +75,14 @@ class AlgoConfig:
     clip_eps: float = 0.2
     aggregation: str = "seq-mean-token-mean"
     ppo_epochs: int = 1
-    micro_batch_size: int = 8
+    micro_batch_size: int = 16
     backend: str = "auto"  # r1reward.kernels backend
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | adamw8bit (torchao)
-    lr: float = 2e-4
+    lr: float = 3e-4
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
@@ -118,14 +120,14 @@ class HealthConfig:
 class EvalConfig:
     enabled: bool = True
     batch_size: int = 32
-    max_new_tokens: int = 48
+    max_new_tokens: int = 80
     limit: int = 0  # 0 = whole held-out split
 
 
 @dataclass
 class JobConfig:
     output: str | None = None  # run dir; None = runs/<timestamp>
-    steps: int = 30
+    steps: int = 60
     seed: int = 0
     log_every: int = 1
     progress: bool = True
