@@ -48,3 +48,16 @@ def test_save_and_reload(tmp_path):
     cfg.save(tmp_path / "config.json")
     back = JobConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
     assert back.to_dict() == cfg.to_dict()
+
+
+def test_adamw8bit_without_torchao_is_a_clear_error():
+    import importlib.util
+
+    import torch
+
+    from r1reward.train import TrainState, build_optimizer
+    if importlib.util.find_spec("torchao") is not None:
+        pytest.skip("torchao is installed")
+    cfg = parse_args(["--optim.name", "adamw8bit"])
+    with pytest.raises(ImportError, match="torchao"):
+        build_optimizer(cfg, torch.nn.Linear(2, 2), TrainState())
