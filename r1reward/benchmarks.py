@@ -227,8 +227,12 @@ def metrics_at_k(bench: str, items: list[BenchItem], rows: list[dict], k: int) -
     for (key, _), c in ok.items():
         cats[by_key[key].category].append(c)
     per_cat = {c: _mean(v) for c, v in sorted(cats.items())}
-    # A flip: the judge's preferred *response* changes when the presentation is swapped.
+    # A flip: the judge's preferred *response* changes when the presentation is swapped,
+    # i.e. it names the same position both times. Only items with a verdict in both
+    # orders count: a missing verdict is neither consistent nor a flip.
     both = [key for key in by_key if (key, ORDERS[0]) in ok and (key, ORDERS[1]) in ok]
+    verdict = {(r["key"], r["order"]): v for r, v in zip(rows, verdicts)}
+    decided = [key for key in both if None not in (verdict[(key, ORDERS[0])], verdict[(key, ORDERS[1])])]
     out = {
         "k": k,
         "n_rows": len(rows),
@@ -236,7 +240,7 @@ def metrics_at_k(bench: str, items: list[BenchItem], rows: list[dict], k: int) -
         "per_category": per_cat,
         "accuracy_by_order": {o: _mean(c for (_, oo), c in ok.items() if oo == o) for o in ORDERS},
         "any_at_k": _mean(anyk),
-        "flip_rate": _mean(ok[(k_, ORDERS[0])] != ok[(k_, ORDERS[1])] for k_ in both),
+        "flip_rate": _mean(verdict[(k_, ORDERS[0])] == verdict[(k_, ORDERS[1])] for k_ in decided),
         "answer1_rate": _mean(v == 1 for v in verdicts if v is not None),
         "no_verdict_rate": _mean(v is None for v in verdicts),
         "debiased_score_accuracy": _debiased_accuracy(rows, both, k),

@@ -104,9 +104,11 @@ def test_voting_at_k_any_at_k_and_none_votes():
     assert B.majority([None, None, 1]) == 1
     assert B.majority([1, 2]) is None and B.majority([None]) is None
     # an unparseable answer is wrong, never right
-    rows = [{"key": "a", "order": "chosen_second", "votes": [None]}]
+    rows = [{"key": "a", "order": "chosen_second", "votes": [None]},
+            {"key": "a", "order": "chosen_first", "votes": [2]}]
     s = B.summarize("vl_reward_bench", items, rows, 1)
-    assert s["overall_accuracy"] == 0.0 and s["no_verdict_rate"] == 1.0
+    assert s["accuracy_by_order"]["chosen_second"] == 0.0 and s["no_verdict_rate"] == 0.5
+    assert s["flip_rate"] is None  # no verdict in one order: neither a flip nor consistent
 
 
 def test_mm_rlhf_acc_plus_and_categories(tmp_path):
