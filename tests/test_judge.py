@@ -205,3 +205,15 @@ def test_judge_and_rank_on_tiny_model(tiny_judge):
     assert sorted(rk.order) == [0, 1, 2] and rk.comparisons == 3
     # 3 pairs x 2 orders = 6 prompts in batches of 4: 2 generate + 2 scoring calls
     assert rk.model_calls == j.calls["generate"] + j.calls["forward"] - calls == 4
+
+
+def test_mixed_image_and_text_only_batch_on_tiny_model(tiny_judge):
+    """A batch with and without images is split into separate model calls and each
+    result equals judging that pair alone."""
+    j = tiny_judge
+    reqs = [J.PairRequest(_png_bytes(), "Colour?", "Green.", "Red."),
+            J.PairRequest(None, "Capital of France?", "Paris.", "Rome.")]
+    both = j.judge_batch(reqs, k=1)
+    for req, got in zip(reqs, both):
+        alone = j.judge(req.image, req.question, req.response_1, req.response_2, k=1)
+        assert got.votes == alone.votes and got.score == pytest.approx(alone.score, abs=1e-4)
