@@ -23,6 +23,9 @@ from PIL import Image, ImageDraw
 from .prompt import format_judge_prompt, parse_judge_prompt
 
 # ----------------------------------------------------------------------------- facts
+# Bump whenever generate_dataset's output for given arguments changes, and put it in any
+# cache key of generated data, so stale caches are not reused.
+DATA_VERSION = "2"
 IMAGE_SIZE = 112  # = the tiny processor's max_pixels side: 8x8 patches -> 16 vision tokens
 BACKGROUND = (255, 255, 255)
 # Far-apart RGB values so a tiny vision tower separates them after a few minutes.
@@ -40,6 +43,9 @@ POSITIONS = ("left", "right", "top", "bottom")
 KINDS = ("color", "shape", "count", "position")
 DEFAULT_KINDS = ("color", "shape", "count")
 ASPECT = {"color": "color", "shape": "shape", "count": "number", "position": "position"}
+# Side lengths in pixels (of IMAGE_SIZE) per kind: large single shapes fill a good part of
+# the image so a tiny vision tower picks up the colour/shape quickly.
+SIZES = {"single": (64, 96), "count": (22, 30), "position": (28, 36)}
 WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 
 
@@ -181,7 +187,7 @@ def _sample(rng: random.Random, kind: str) -> tuple[Image.Image, dict]:
         n = rng.randint(1, len(NUMBER_WORDS))
         # One shape per quadrant (random quadrants) so shapes never overlap.
         for q in rng.sample(range(4), n):
-            size = rng.randint(22, 30)
+            size = rng.randint(*SIZES["count"])
             cx, cy = (q % 2) * S // 2, (q // 2) * S // 2
             x = cx + rng.randint(4, S // 2 - size - 4)
             y = cy + rng.randint(4, S // 2 - size - 4)
@@ -189,7 +195,7 @@ def _sample(rng: random.Random, kind: str) -> tuple[Image.Image, dict]:
         truth, values = NUMBER_WORDS[n - 1], NUMBER_WORDS
     elif kind == "position":
         pos = rng.choice(POSITIONS)
-        size = rng.randint(28, 36)
+        size = rng.randint(*SIZES["position"])
         mid = (S - size) // 2 + rng.randint(-8, 8)
         edge = rng.randint(4, 12)
         x, y = {"left": (edge, mid), "right": (S - size - edge, mid),
@@ -197,7 +203,7 @@ def _sample(rng: random.Random, kind: str) -> tuple[Image.Image, dict]:
         _draw_shape(draw, shape, (x, y, x + size, y + size), COLORS[color])
         truth, values = pos, POSITIONS
     else:
-        size = rng.randint(48, 72)
+        size = rng.randint(*SIZES["single"])
         x, y = rng.randint(4, S - size - 4), rng.randint(4, S - size - 4)
         _draw_shape(draw, shape, (x, y, x + size, y + size), COLORS[color])
         truth = color if kind == "color" else shape
