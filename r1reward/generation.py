@@ -81,7 +81,7 @@ def end_token_ids(processor, model=None) -> list[int]:
 def generate(model, processor, pairs: list[PreferencePair], *, do_sample=False, temperature=1.0,
              top_p=1.0, max_new_tokens=256, num_samples=1, synced_gpus=False,
              generate_kwargs=None) -> Generation:
-    """Judge each pair ``num_samples`` times (rows are sample-major within a pair)."""
+    """Judge each pair ``num_samples`` times; row ``b*num_samples + j`` is sample j of pair b."""
     device = next(model.parameters()).device
     inputs = build_prompt_inputs(processor, pairs, device)
     end_ids = end_token_ids(processor, model)
