@@ -18,6 +18,8 @@ opaque node) and provides the backend entry points ``token_logprobs``/``fused_lo
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -53,7 +55,10 @@ def _check_targets(t, vocab, what):
 # 2-core EPYC dev box, one chunk [103, 2048]·[2048, 151936]: MKL 1.2–1.8 s, packed oneDNN
 # 0.46–0.5 s, packing 0.84 s once per call). The other two GEMMs stay on torch.mm: packing
 # Wᵀ costs more than it saves, and ∂W accumulates in place.
-USE_ONEDNN = True
+# Off by default: the packed copy is a second weight-sized buffer (1.2 GB at H=2048,
+# V=151936 fp32), which breaks the fused path's O(chunk·V) extra-memory contract (SPEC §6).
+# Opt in with R1REWARD_ONEDNN_PACKED_WEIGHT=1 when memory is plentiful and the BLAS is slow.
+USE_ONEDNN = os.environ.get("R1REWARD_ONEDNN_PACKED_WEIGHT", "0") == "1"
 ONEDNN_MIN_ROWS = 16  # below this, one pass of packing W costs more than it saves
 _onednn = None  # None: not probed yet; False: unavailable; else (reorder, linear) ops
 
