@@ -116,8 +116,7 @@ def evaluate(judge, items, out: Path, k: int, orders, batch_size: int, progress=
             f.flush()
             bar.update(len(todo[s:s + batch_size]))
     bar.close()
-    bad = bad_keys
-    rows = [r for (key, _), r in done.items() if key not in bad]
+    rows = [r for (key, _), r in done.items() if key not in bad_keys]
     return rows, skipped
 
 
