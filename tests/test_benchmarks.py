@@ -1,5 +1,6 @@
 """Benchmark loaders and official metrics on the real VL-RewardBench text records
-(../shared/fixtures) with generated placeholder images and scripted verdicts."""
+(tests/fixtures, a copy of the released text records) with generated placeholder images
+and scripted verdicts."""
 import json
 import shutil
 from pathlib import Path
@@ -8,9 +9,7 @@ import pytest
 
 from r1reward import benchmarks as B
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vl_reward_bench.jsonl"
-if not FIXTURE.is_file():  # checkouts outside /work keep the fixture next to the repo
-    FIXTURE = Path("/work/shared/fixtures/vl_reward_bench.jsonl")
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "vl_reward_bench.jsonl"
 
 # Published VL-RewardBench category sizes (1,250 pairs).
 SIZES = {"general": 183, "hallucination": 749, "reasoning": 318}
@@ -30,8 +29,6 @@ def _placeholder_images(root: Path, records, skip_ids=()):
 
 @pytest.fixture(scope="module")
 def records():
-    if not FIXTURE.is_file():
-        pytest.skip(f"fixture {FIXTURE} not available")
     return [json.loads(l) for l in FIXTURE.open()]
 
 
