@@ -16,7 +16,9 @@ import importlib.util
 import os
 import re
 import subprocess
+import sys
 import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 _HERE = Path(__file__).resolve().parent
+_GATE_PKG = "_r1r_gate"
 # Per-SM limits: dynamic shared memory per block and registers per thread.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 MAX_REGS = 255
@@ -40,9 +43,17 @@ def load_kernel_module(name: str):
     """Import ``kernels/<name>.py`` fresh with TRITON_INTERPRET off (real JITFunctions)."""
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
+    # A bare package over kernels/ (its __init__ is not run), so the kernel files' relative
+    # imports of each other resolve to fresh copies too.
+    for key in [k for k in sys.modules if k == _GATE_PKG or k.startswith(_GATE_PKG + ".")]:
+        del sys.modules[key]
+    pkg = types.ModuleType(_GATE_PKG)
+    pkg.__path__ = [str(_HERE)]
+    sys.modules[_GATE_PKG] = pkg
     try:
-        spec = importlib.util.spec_from_file_location(f"_r1r_gate_{name}", _HERE / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"{_GATE_PKG}.{name}", _HERE / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
         spec.loader.exec_module(mod)
     finally:
         if saved is None:

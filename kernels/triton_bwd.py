@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_fwd import logit_tile
+
 # Why these: the dz tile (64×128 fp32) is 32 registers/thread at 8 warps and the two
 # partial products (dz·W: 64×BLOCK_H, dzᵀ·h: 128×BLOCK_H, fp32) live next to it; GROUP=8
 # row blocks per W tile as in CCE. Measured with the compile gate: BLOCK_H=64 spills on
@@ -84,17 +86,8 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, g_ptr, lse_ptr,
     h_rows = h_ptr + rows[:, None] * stride_h
     w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * stride_w
 
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for k0 in range(0, H, BLOCK_H):
-        offs_k = k0 + tl.arange(0, BLOCK_H)
-        k_ok = offs_k < H
-        hb = tl.load(h_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wb = tl.load(w_rows + offs_k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST_DOT:  # interpreter only: see triton_fwd.upcast_dot
-            hb, wb = hb.to(tl.float32), wb.to(tl.float32)
-        acc = tl.dot(hb, tl.trans(wb), acc, input_precision=DOT_PREC)
-    if HAS_BIAS:
-        acc = acc + tl.load(b_ptr + offs_v, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = logit_tile(h_rows, w_rows, b_ptr, offs_v, row_ok, col_ok, H, HAS_BIAS,
+                     BLOCK_N, BLOCK_V, BLOCK_H, DOT_PREC, UPCAST_DOT)
     p = tl.exp(acc * inv_temp - lse[:, None])
     onehot = offs_v[None, :] == tgt[:, None]
     d = tl.where(onehot, 1.0, 0.0) - p

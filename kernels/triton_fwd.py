@@ -83,6 +83,26 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def logit_tile(h_rows, w_rows, b_ptr, offs_v, row_ok, col_ok, H, HAS_BIAS: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+               DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``h·Wᵀ (+ b)`` for one [BLOCK_N, BLOCK_V] tile, accumulated over H in fp32 (before
+    1/τ). Shared by the forward and the backward (which recomputes the tile)."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        offs_k = k0 + tl.arange(0, BLOCK_H)
+        k_ok = offs_k < H
+        hb = tl.load(h_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wb = tl.load(w_rows + offs_k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST_DOT:  # interpreter only, see upcast_dot()
+            hb, wb = hb.to(tl.float32), wb.to(tl.float32)
+        acc = tl.dot(hb, tl.trans(wb), acc, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + offs_v, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _fwd_partial_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, part_ptr,
                         n_rows, V, H, stride_h, stride_w, inv_temp, tiles_per_split,
                         HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr,
@@ -107,18 +127,8 @@ def _fwd_partial_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, part_ptr,
         offs_v = v0 + tl.arange(0, BLOCK_V)
         col_ok = offs_v < V
         w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * stride_w
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k0 in range(0, H, BLOCK_H):
-            offs_k = k0 + tl.arange(0, BLOCK_H)
-            k_ok = offs_k < H
-            hb = tl.load(h_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wb = tl.load(w_rows + offs_k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST_DOT:  # interpreter only, see upcast_dot()
-                hb, wb = hb.to(tl.float32), wb.to(tl.float32)
-            acc = tl.dot(hb, tl.trans(wb), acc, input_precision=DOT_PREC)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_v, mask=col_ok, other=0.0).to(tl.float32)
-            acc = acc + bias[None, :]
+        acc = logit_tile(h_rows, w_rows, b_ptr, offs_v, row_ok, col_ok, H, HAS_BIAS,
+                         BLOCK_N, BLOCK_V, BLOCK_H, DOT_PREC, UPCAST_DOT)
         # Padded columns get a finite floor, so e = exp(z - m) is exactly 0 there and
         # e·(z - m) is 0, not 0·inf = NaN.
         z = tl.where(col_ok[None, :], acc * inv_temp, _NEG_BIG)
