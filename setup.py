@@ -32,6 +32,7 @@ setup(
         "triton": ["triton>=3.1"],
         "gpu": ["triton>=3.1", "nvidia-ml-py", "flash-attn"],
         "bench": ["liger-kernel", "cut-cross-entropy"],
-        "test": ["pytest", "triton>=3.1", "setuptools>=70.1"],  # setuptools: wheel test
+        # The tests also check the benchmark peers compute the same loss, and build the wheel.
+        "test": ["pytest", "triton>=3.1", "setuptools>=70.1", "liger-kernel", "cut-cross-entropy"],
     },
 )
