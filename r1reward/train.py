@@ -24,7 +24,7 @@ from r1reward.advantages import (advantage_filter, grpo_advantages, kl_per_token
                                  reinforce_pp_advantages, rloo_advantages)
 from r1reward.checkpoint import Checkpointer
 from r1reward.config import JobConfig, default_output_dir, parse_args
-from r1reward.data import generate_dataset, load_pairs
+from r1reward.data import DATA_VERSION, generate_dataset, load_pairs
 from r1reward.health import HealthMonitor
 from r1reward.logprobs import FusedLMHead, micro_batches, policy_loss, sequence_logprobs
 from r1reward.metrics import MetricsLogger
@@ -74,11 +74,14 @@ def seed_all(seed: int) -> None:
 def prepare_data(cfg: JobConfig, d: Dist, out: Path):
     """(train pairs, held-out pairs, info). Bad lines are skipped, counted and listed."""
     if cfg.data.train is None:
-        key = f"gen-s{cfg.data.gen_seed}-n{cfg.data.n_train}-h{cfg.data.n_heldout}"
+        kinds = tuple(k.strip() for k in cfg.data.kinds.split(",") if k.strip())
+        key = (f"gen-v{DATA_VERSION}-s{cfg.data.gen_seed}-n{cfg.data.n_train}-h{cfg.data.n_heldout}"
+               f"-{'_'.join(kinds)}")
         root = cache_root() / "data" / key
         if d.is_main and not (root / "heldout.jsonl").exists():
             tmp = root.with_name(f"{key}.tmp{id(cfg)}")
-            generate_dataset(tmp, cfg.data.n_train, cfg.data.n_heldout, seed=cfg.data.gen_seed)
+            generate_dataset(tmp, cfg.data.n_train, cfg.data.n_heldout, seed=cfg.data.gen_seed,
+                             kinds=kinds)
             tmp.rename(root) if not root.exists() else None
         barrier()
         train_file, heldout_file = root / "train.jsonl", root / "heldout.jsonl"
