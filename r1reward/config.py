@@ -207,7 +207,7 @@ class JobConfig:
         return cfg
 
 
-# Short flags other engineers and the README rely on → dotted field.
+# Short flags users and the README rely on → dotted field.
 ALIASES = {
     "--model": "model.path", "--data": "data.train", "--output": "output", "--steps": "steps",
     "--fsdp": "parallel.fsdp", "--compile": "parallel.compile", "--ac": "parallel.ac",

@@ -16,13 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _example_code():
-    """The plain-PyTorch example block from the README (or its notes file before merging)."""
-    for doc in (ROOT / "README.md", ROOT / "notes" / "readme_kernels_api.md"):
-        if doc.exists():
-            for block in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S):
-                if "StableReinforceLoss(" in block and "toy LM" in block:
-                    return block
-    pytest.fail("no StableReinforceLoss toy-LM example block in README.md or notes/")
+    """The plain-PyTorch example block from the README."""
+    for block in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        if "StableReinforceLoss(" in block and "toy LM" in block:
+            return block
+    pytest.fail("no StableReinforceLoss toy-LM example block in README.md")
 
 
 def test_readme_example_trains_toy_lm():
