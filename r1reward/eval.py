@@ -22,22 +22,25 @@ import time
 from pathlib import Path
 
 from . import benchmarks as B
+from .config import DataConfig
 
 PAIRS = "pairs"
 
 
-def load_items(bench: str, data, images, n_heldout: int = 64, seed: int = 0, cache=None) -> B.BenchLoad:
+def load_items(bench: str, data, images, n_heldout: int = 64, seed: int = 0, cache=None,
+               kinds: str = DataConfig.kinds) -> B.BenchLoad:
     if bench != PAIRS:
         if data is None:
             raise SystemExit(f"--data is required for --bench {bench}")
         return B.load_bench(bench, data, images)
-    from .data import generate_dataset, load_pairs
-    if data is None:  # the generated held-out split, built once per (seed, size)
+    from .data import DATA_VERSION, generate_dataset, load_pairs
+    if data is None:  # the generated held-out split, built once per (version, seed, size, kinds)
+        kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())
         base = Path(cache or os.environ.get("R1REWARD_CACHE", Path.home() / ".cache" / "r1reward"))
-        root = base / f"heldout-s{seed}-n{n_heldout}"
+        root = base / f"heldout-v{DATA_VERSION}-s{seed}-n{n_heldout}-{'_'.join(kind_list)}"
         data = root / "heldout.jsonl"
         if not data.is_file():
-            _, data = generate_dataset(root, 0, n_heldout, seed=seed)
+            _, data = generate_dataset(root, 0, n_heldout, seed=seed, kinds=kind_list)
     res = load_pairs(data)
     out = B.BenchLoad([], [(f"line {n}", why) for n, why in res.skipped])
     seen = {}
@@ -179,7 +182,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--n-heldout", type=int, default=64)
+    ap.add_argument("--n-heldout", type=int, default=DataConfig.n_heldout)
+    ap.add_argument("--kinds", default=DataConfig.kinds,
+                    help="question kinds of the generated held-out split (the trainer's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true", help="discard earlier results in --output")
     ap.add_argument("--no-progress", action="store_true")
@@ -193,11 +198,11 @@ def main(argv=None, judge=None) -> dict:
     """Run the harness; ``judge`` lets tests inject a scripted RewardJudge."""
     a = parse_args(argv)
     t0 = time.time()
-    load = load_items(a.bench, a.data, a.images, a.n_heldout, a.seed)
+    load = load_items(a.bench, a.data, a.images, a.n_heldout, a.seed, kinds=a.kinds)
     items = load.items[:a.limit] if a.limit else load.items
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
-    run = {"bench": a.bench, "data": str(a.data) if a.data else f"generated held-out n={a.n_heldout} seed={a.seed}",
+    run = {"bench": a.bench, "data": str(a.data) if a.data else f"generated held-out n={a.n_heldout} seed={a.seed} kinds={a.kinds}",
            "model": str(a.model) if a.model else "embedded tiny model"}
     check_run(out, run, a.overwrite)
     for ref, why in load.skipped:

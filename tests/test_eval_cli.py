@@ -99,7 +99,8 @@ def test_cli_on_embedded_tiny_model(tiny_dir, tmp_path):
     assert len(rows) == 4 and s["n_items"] == 2 and s["n_skipped"] == 0
     assert all(len(r["votes"]) == 3 and all(0.0 <= p <= 1.0 for p in r["p1"]) for r in rows)
     assert set(s["by_k"]) == {"1", "3"} and 0.0 <= s["overall_accuracy"] <= 1.0
-    assert (tmp_path / "cache" / "heldout-s0-n4" / "heldout.jsonl").is_file()
+    from r1reward.data import DATA_VERSION
+    assert (tmp_path / "cache" / f"heldout-v{DATA_VERSION}-s0-n4-color_shape" / "heldout.jsonl").is_file()
     assert "overall accuracy" in proc.stdout
 
 
