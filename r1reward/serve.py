@@ -258,12 +258,18 @@ class Handler(BaseHTTPRequestHandler):
             self._send(500, {"error": f"{type(e).__name__}: {e}"})
 
 
+class RewardHTTPServer(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: in a burst of concurrent clients the
+    # connections beyond it are reset before a thread can accept them.
+    request_queue_size = 256
+    daemon_threads = True
+
+
 def make_server(judge, host="127.0.0.1", port=8000, image_root=None, max_batch=8,
                 limits: Limits | None = None, model_name="", verbose=False) -> ThreadingHTTPServer:
     if image_root is not None and not Path(image_root).is_dir():
         raise FileNotFoundError(f"--image-root is not a directory: {image_root}")
-    srv = ThreadingHTTPServer((host, port), Handler)
-    srv.daemon_threads = True
+    srv = RewardHTTPServer((host, port), Handler)
     srv.batcher = Batcher(judge, max_batch=max_batch)
     srv.limits, srv.image_root = limits or Limits(), image_root
     srv.model_name, srv.verbose = model_name, verbose
