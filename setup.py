@@ -22,6 +22,8 @@ setup(
         "safetensors",
         "pillow",
         "numpy",
+        # runs numpy's BLAS (the CPU logits GEMM) on torch's thread count
+        "threadpoolctl>=3.1",
         "tqdm",
         "tensorboard",
         "matplotlib",

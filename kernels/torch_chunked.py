@@ -18,6 +18,7 @@ opaque node) and provides the backend entry points ``token_logprobs``/``fused_lo
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -59,6 +60,32 @@ def _check_targets(t, vocab, what):
 # V=151936 fp32), which breaks the fused path's O(chunk·V) extra-memory contract (SPEC §6).
 # Opt in with R1REWARD_ONEDNN_PACKED_WEIGHT=1 when memory is plentiful and the BLAS is slow.
 USE_ONEDNN = os.environ.get("R1REWARD_ONEDNN_PACKED_WEIGHT", "0") == "1"
+
+# CPU fp32: the logits GEMM ``hc·Wᵀ`` (few rows, a long transposed weight) goes through
+# numpy's BLAS (the OpenBLAS that numpy's wheels bundle) instead of torch.mm (MKL in the
+# torch wheel), which is slow for this one shape on the AMD dev box: one [103, 2048] ×
+# [2048, 151936] chunk took 1.2–1.4 s with MKL and 0.8 s with OpenBLAS in the same run,
+# while MKL was as fast or faster on the two gradient GEMMs, which therefore stay on
+# torch.mm (and ∂W accumulates in place with addmm_). No copy: numpy views the tensors'
+# memory. "torch" forces torch.mm everywhere; "auto" uses numpy above NUMPY_GEMM_MIN_MACS.
+CPU_LOGITS_GEMM = os.environ.get("R1REWARD_CPU_LOGITS_GEMM", "auto")
+NUMPY_GEMM_MIN_MACS = 1 << 26  # below this the call overheads dominate either way
+_blas_ctl = None  # threadpoolctl controller for numpy's BLAS (None: not probed; False: absent)
+
+
+def _numpy_blas_threads(n: int):
+    """Context that runs numpy's BLAS on ``n`` threads (torch's setting), so a process that
+    lowered torch's thread count (e.g. one rank of several) does not oversubscribe cores."""
+    global _blas_ctl
+    if _blas_ctl is None:
+        try:
+            import threadpoolctl
+            _blas_ctl = threadpoolctl.ThreadpoolController().select(user_api="blas")
+        except Exception:  # noqa: BLE001 - without it numpy keeps its own thread count
+            _blas_ctl = False
+    if _blas_ctl and any(lib["num_threads"] != n for lib in _blas_ctl.info()):
+        return _blas_ctl.limit(limits=n)
+    return contextlib.nullcontext()
 ONEDNN_MIN_ROWS = 16  # below this, one pass of packing W costs more than it saves
 _onednn = None  # None: not probed yet; False: unavailable; else (reorder, linear) ops
 
@@ -94,7 +121,11 @@ class _Chunker:
         self.c = rows_per_chunk(n_rows, vocab)
         ops = (_onednn_ops() if USE_ONEDNN and h.device.type == "cpu"
                and n_rows >= ONEDNN_MIN_ROWS else None)
-        self.buf = self.packed = None
+        self.buf = self.packed = self.w_np = None
+        if (CPU_LOGITS_GEMM != "torch" and ops is None and h.device.type == "cpu"
+                and (CPU_LOGITS_GEMM == "numpy"
+                     or min(self.c, n_rows) * vocab * w.shape[1] >= NUMPY_GEMM_MIN_MACS)):
+            self.w_np = self.w32.detach().numpy().T  # a view: Wᵀ as a transposed operand
         if ops is not None:
             self.linear = ops[1]
             self.packed = ops[0](self.w32, self.c)
@@ -116,7 +147,12 @@ class _Chunker:
         if self.packed is not None:
             return self.linear(hz, self.packed, self.bz, "none", [], ""), hz
         z = self.buf[:hc.shape[0]]
-        if self.bz is None:
+        if self.w_np is not None:
+            with _numpy_blas_threads(torch.get_num_threads()):
+                np.matmul(hz.detach().numpy(), self.w_np, out=z.numpy())
+            if self.bz is not None:
+                z += self.bz
+        elif self.bz is None:
             torch.mm(hz, self.w32t, out=z)
         else:
             torch.addmm(self.bz, hz, self.w32t, out=z)

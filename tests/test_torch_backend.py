@@ -32,13 +32,15 @@ SETTINGS = [
 ]
 
 
-@pytest.fixture(autouse=True, params=["onednn", "mm"])
+@pytest.fixture(autouse=True, params=["onednn", "mm", "numpy"])
 def small_chunks(monkeypatch, request):
     # 4 rows of V_ODD per chunk: 10+ valid rows give 3+ chunks, one of them shorter. Every
-    # test runs with the logits GEMM on oneDNN (packed weight) and on torch.mm.
+    # test runs with the logits GEMM on oneDNN (packed weight), on torch.mm and on numpy's
+    # BLAS (the CPU default for large shapes).
     monkeypatch.setattr(tc, "LOGIT_BUDGET_BYTES", 4 * V_ODD * 4)
     monkeypatch.setattr(tc, "USE_ONEDNN", request.param == "onednn")
     monkeypatch.setattr(tc, "ONEDNN_MIN_ROWS", 1)
+    monkeypatch.setattr(tc, "CPU_LOGITS_GEMM", "numpy" if request.param == "numpy" else "torch")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -404,3 +406,36 @@ def test_filtered_gradients_within_bf16_tolerance_and_skip_columns(monkeypatch):
     err = (dh_f - dh_x).reshape(N, H).abs()
     assert (err <= bound).all(), f"∂h error {err.max():.3e} above the bf16 bound {bound.max():.3e}"
     assert err.max() > 0, "filtering dropped nothing: the test does not exercise it"
+
+
+# ------------------------------------------------------------- CPU GEMM engine choice
+def test_auto_gemm_uses_numpy_blas_above_threshold_with_torch_thread_count(monkeypatch):
+    # "auto" sends large logits GEMMs to numpy's BLAS, run on torch's thread count, and
+    # gives the same values as torch.mm; small ones stay on torch.mm.
+    monkeypatch.setattr(tc, "USE_ONEDNN", False)
+    h, w, b, y, *_ = make_inputs(2, 7, 16)
+    seen = []
+    real = tc._numpy_blas_threads
+    monkeypatch.setattr(tc, "_numpy_blas_threads", lambda n: seen.append(n) or real(n))
+    monkeypatch.setattr(tc, "CPU_LOGITS_GEMM", "torch")
+    expected = token_logprobs(h, w, y, bias=b, backend="torch", temperature=0.7)
+    assert not seen
+    monkeypatch.setattr(tc, "CPU_LOGITS_GEMM", "auto")
+    monkeypatch.setattr(tc, "NUMPY_GEMM_MIN_MACS", 1 << 40)
+    token_logprobs(h, w, y, bias=b, backend="torch", temperature=0.7)
+    assert not seen, "a small GEMM went to numpy"
+    monkeypatch.setattr(tc, "NUMPY_GEMM_MIN_MACS", 1)
+    got = token_logprobs(h, w, y, bias=b, backend="torch", temperature=0.7)
+    assert seen and set(seen) == {torch.get_num_threads()}
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_numpy_blas_threads_follow_torch_setting():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    blas = threadpoolctl.ThreadpoolController().select(internal_api="openblas")
+    if not blas.lib_controllers:
+        pytest.skip("numpy here is not built on OpenBLAS")
+    before = [lib["num_threads"] for lib in blas.info()]
+    with tc._numpy_blas_threads(1):
+        assert [lib["num_threads"] for lib in blas.info()] == [1] * len(before)
+    assert [lib["num_threads"] for lib in blas.info()] == before
