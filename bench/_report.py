@@ -9,7 +9,8 @@ import time
 # Column order of the CSV (and of the JSON rows, which may carry a few more keys).
 FIELDS = ("method", "case", "mode", "status", "N", "B", "H", "V", "dtype", "device",
           "fwd_s", "fwdbwd_s", "ratio_to_3gemm", "fwd_cpu_s", "fwdbwd_cpu_s",
-          "cpu_ratio_to_3gemm", "fwd_peak_mb", "peak_mb", "grad_mb", "logit_mb",
+          "cpu_ratio_to_3gemm", "fwd_peak_mb", "peak_mb", "grad_mb", "grad_resident_mb",
+          "logit_mb",
           "target_p_mean", "repeats", "warmup", "compiled", "mem_source", "threads", "load1",
           "device_name", "git", "torch", "triton", "liger_kernel", "cut_cross_entropy",
           "time_utc")

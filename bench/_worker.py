@@ -50,7 +50,7 @@ def measure(spec: dict) -> dict:
     first_call_mem = dev.type == "cpu" and not M.can_reset_peak()
 
     def run(fn, with_mem):
-        """``(wall s, cpu s, peak extra bytes or None, grad bytes)`` of one call."""
+        """``(wall s, cpu s, peak extra bytes or None, grad bytes, resident grad bytes)``."""
         _clear_grads(inp)
         t = {}
 
@@ -61,7 +61,15 @@ def measure(spec: dict) -> dict:
         else:
             call()
             peak = None
-        return (*t["s"], peak, _grad_bytes(inp))
+        nbytes = _grad_bytes(inp)
+        resident = nbytes
+        if dev.type == "cpu":
+            # A filtered weight gradient is mostly never-touched zero pages: what it holds
+            # in RAM is what freeing it gives back (freed big buffers leave the RSS here).
+            before = M.current_rss()
+            _clear_grads(inp)
+            resident = min(nbytes, max(0, before - M.current_rss()))
+        return (*t["s"], peak, nbytes, resident)
 
     first = [run(step, first_call_mem) for _ in range(warmup)]
     fwd = [run(forward, not first_call_mem) for _ in range(repeats)]
@@ -71,6 +79,7 @@ def measure(spec: dict) -> dict:
     peaks = [r[2] for r in mem_runs if r[2] is not None]
     fwd_peaks = [r[2] for r in fwd if r[2] is not None]
     grad_b = steps[-1][3]
+    grad_resident = mem_runs[-1][4] if mem_runs else grad_b
     row.update({
         "fwd_s": M.median([r[0] for r in fwd]), "fwdbwd_s": M.median([r[0] for r in steps]),
         "fwd_cpu_s": _median_or_none([r[1] for r in fwd]),
@@ -78,7 +87,8 @@ def measure(spec: dict) -> dict:
         "fwd_peak_mb": max(fwd_peaks) / M.MB if fwd_peaks else None,
         "peak_mb": max(peaks) / M.MB if peaks else None,
         "grad_mb": grad_b / M.MB,
-        "logit_mb": (max(peaks) - grad_b) / M.MB if peaks else None,
+        "grad_resident_mb": grad_resident / M.MB,
+        "logit_mb": (max(peaks) - grad_resident) / M.MB if peaks else None,
         "mem_source": "first-call" if first_call_mem else (
             "cuda-allocator" if dev.type == "cuda" else "rss-hwm"),
         "load1": os.getloadavg()[0],  # other jobs on the machine make timings noisy
