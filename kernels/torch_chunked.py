@@ -19,6 +19,7 @@ opaque node) and provides the backend entry points ``token_logprobs``/``fused_lo
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 
@@ -62,13 +63,17 @@ def _check_targets(t, vocab, what):
 # Opt in with R1REWARD_ONEDNN_PACKED_WEIGHT=1 when memory is plentiful and the BLAS is slow.
 USE_ONEDNN = os.environ.get("R1REWARD_ONEDNN_PACKED_WEIGHT", "0") == "1"
 
-# CPU fp32: the logits GEMM ``hc·Wᵀ`` (few rows, a long transposed weight) goes through
-# numpy's BLAS (the OpenBLAS that numpy's wheels bundle) instead of torch.mm (MKL in the
-# torch wheel), which is slow for this one shape on the AMD dev box: one [103, 2048] ×
-# [2048, 151936] chunk took 1.2–1.4 s with MKL and 0.8 s with OpenBLAS in the same run,
-# while MKL was as fast or faster on the two gradient GEMMs, which therefore stay on
-# torch.mm (and ∂W accumulates in place with addmm_). No copy: numpy views the tensors'
-# memory. "torch" forces torch.mm everywhere; "auto" uses numpy above NUMPY_GEMM_MIN_MACS.
+# CPU fp32: the chunk GEMMs go through numpy's BLAS (the OpenBLAS that numpy's wheels
+# bundle) instead of torch.mm (MKL in the torch wheel). Measured on the 2-core AMD dev
+# box, one chunk at H=2048, V=151936, quiet machine: logits [103, 2048]·[2048, 151936]
+# MKL 0.52 s, OpenBLAS 0.38–0.41 s; ∂h [103, 151936]·[151936, 2048] MKL 0.40 s,
+# OpenBLAS 0.35 s. Keeping all three GEMMs on one library also avoids handing the cores
+# back and forth between two thread pools (the fused call was 5.95 s with only the
+# logits GEMM on OpenBLAS, 5.4 s with ∂h too). ∂W accumulates in place (β = 1), which
+# numpy's matmul cannot do, so that one calls the same library's cblas_sgemm through
+# ctypes (probed and checked once; torch's addmm_ if it is missing). No copies: numpy
+# and the BLAS read the tensors' memory. "torch" forces torch.mm everywhere; "auto" uses
+# numpy's BLAS above NUMPY_GEMM_MIN_MACS.
 CPU_LOGITS_GEMM = os.environ.get("R1REWARD_CPU_LOGITS_GEMM", "auto")
 NUMPY_GEMM_MIN_MACS = 1 << 26  # below this the call overheads dominate either way
 _blas_ctl = None  # threadpoolctl controller for numpy's BLAS (None: not probed; False: absent)
@@ -87,6 +92,61 @@ def _numpy_blas_threads(n: int):
     if _blas_ctl and any(lib["num_threads"] != n for lib in _blas_ctl.info()):
         return _blas_ctl.limit(limits=n)
     return contextlib.nullcontext()
+
+
+_sgemm = None  # numpy's OpenBLAS cblas_sgemm (None: not probed; False: unavailable)
+_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS = 101, 111, 112
+
+
+def _openblas_sgemm():
+    """``cblas_sgemm`` of the OpenBLAS that numpy loaded, or None. Symbol names differ by
+    build (numpy's wheels: ILP64 with a ``scipy_`` prefix), so each candidate is checked
+    on a small product against numpy before it is used."""
+    global _sgemm
+    if _sgemm is None:
+        _sgemm = False
+        try:
+            import threadpoolctl
+            paths = [lib.filepath for lib in threadpoolctl.ThreadpoolController()
+                     .select(internal_api="openblas").lib_controllers]
+            for path in paths:
+                dll = ctypes.CDLL(path)
+                for name, int_t in (("scipy_cblas_sgemm64_", ctypes.c_int64),
+                                    ("cblas_sgemm64_", ctypes.c_int64),
+                                    ("scipy_cblas_sgemm", ctypes.c_int32),
+                                    ("cblas_sgemm", ctypes.c_int32)):
+                    fn = getattr(dll, name, None)
+                    if fn is None:
+                        continue
+                    fn.restype = None
+                    fn.argtypes = ([ctypes.c_int] * 3 + [int_t] * 3 + [ctypes.c_float, ctypes.c_void_p, int_t,
+                                   ctypes.c_void_p, int_t, ctypes.c_float, ctypes.c_void_p, int_t])
+                    if _sgemm_matches_numpy(fn):
+                        _sgemm = fn
+                        return fn
+        except Exception:  # noqa: BLE001 - any failure: torch's addmm_ does the work
+            _sgemm = False
+    return _sgemm or None
+
+
+def _sgemm_matches_numpy(fn) -> bool:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 7), dtype=np.float32)  # p: [c=5, V=7]
+    b = rng.standard_normal((5, 3), dtype=np.float32)  # hs: [c, H=3]
+    c = rng.standard_normal((7, 3), dtype=np.float32)  # ∂W: [V, H]
+    want = c + a.T @ b
+    fn(_CBLAS_ROW_MAJOR, _CBLAS_TRANS, _CBLAS_NO_TRANS, 7, 3, 5, 1.0, a.ctypes.data, 7,
+       b.ctypes.data, 3, 1.0, c.ctypes.data, 3)
+    return bool(np.allclose(c, want, atol=1e-5))
+
+
+def _sgemm_at_b(sgemm, a, b, c, accumulate: bool) -> None:
+    """``c (+)= aᵀ·b`` in place: a [k, m] with unit column stride, b [k, n] and c [m, n]
+    contiguous, all fp32 CPU."""
+    k, m = a.shape
+    n = b.shape[1]
+    sgemm(_CBLAS_ROW_MAJOR, _CBLAS_TRANS, _CBLAS_NO_TRANS, m, n, k, 1.0, a.data_ptr(),
+          a.stride(0), b.data_ptr(), n, 1.0 if accumulate else 0.0, c.data_ptr(), n)
 ONEDNN_MIN_ROWS = 16  # below this, one pass of packing W costs more than it saves
 _onednn = None  # None: not probed yet; False: unavailable; else (reorder, linear) ops
 
@@ -159,6 +219,15 @@ class _Chunker:
             torch.addmm(self.bz, hz, self.w32t, out=z)
         return z, hz
 
+    def mm_w(self, p, w32):
+        """``p·W`` [c, H] (∂h's GEMM); on numpy's BLAS when the logits GEMM is (see above)."""
+        if self.w_np is None:
+            return torch.mm(p, w32)
+        out = torch.empty(p.shape[0], w32.shape[1], dtype=torch.float32)
+        with _numpy_blas_threads(torch.get_num_threads()):
+            np.matmul(p.detach().numpy(), w32.detach().numpy(), out=out.numpy())
+        return out
+
     def softmax_(self, z, tc, hz):
         """Softmax of ``z`` in place; returns ``(lse, z_target)`` [c] (fp32).
 
@@ -205,9 +274,10 @@ class _Chunker:
         flat = torch.arange(p.shape[0], device=p.device) * p.shape[1] + tc
         p.view(-1)[flat] -= 1.0  # p − onehot
         if grads.dh is not None:
-            grads.dh.index_copy_(0, rows, torch.mm(p, w32).mul_(s[:, None]))
+            grads.dh.index_copy_(0, rows, self.mm_w(p, w32).mul_(s[:, None]))
         if grads.dw is not None:
-            grads.add_dw(p, hc * s[:, None], cols)
+            grads.add_dw(p, hc * s[:, None], cols,
+                         _openblas_sgemm() if self.w_np is not None else None)
         if grads.db is not None:
             db = torch.mv(p.t(), s)
             if cols is None:
@@ -292,10 +362,14 @@ class _Grads:
     def any(self):
         return self.dh is not None or self.dw is not None or self.db is not None
 
-    def add_dw(self, p, hs, cols):
-        """``∂W += pᵀ·hs`` (rows ``cols`` only in filtered mode)."""
+    def add_dw(self, p, hs, cols, sgemm=None):
+        """``∂W += pᵀ·hs`` (rows ``cols`` only in filtered mode); ``sgemm``: numpy's BLAS."""
         if cols is None:
-            if self.dw_ready:
+            if (sgemm is not None and p.stride(1) == 1 and hs.is_contiguous()
+                    and self.dw.is_contiguous() and self.dw.dtype == torch.float32):
+                with _numpy_blas_threads(torch.get_num_threads()):
+                    _sgemm_at_b(sgemm, p, hs, self.dw, accumulate=self.dw_ready)
+            elif self.dw_ready:
                 self.dw.addmm_(p.t(), hs)
             else:
                 torch.mm(p.t(), hs, out=self.dw)

@@ -478,3 +478,19 @@ def test_filtered_weight_grad_touches_only_surviving_rows(monkeypatch):
     assert kb.get("AnonHugePages", 0) == 0, kb
     assert kb["Rss"] * 1024 < 0.25 * w.grad.nbytes, (
         f"{kb['Rss']} kB of the {w.grad.nbytes >> 10} kB weight gradient are resident")
+
+
+def test_openblas_sgemm_accumulates_and_ignores_garbage_when_not_accumulating():
+    # ∂W's first chunk writes into uninitialised memory (β = 0): NaN there must not leak.
+    sgemm = tc._openblas_sgemm()
+    if sgemm is None:
+        pytest.skip("numpy here is not built on OpenBLAS")
+    g = torch.Generator().manual_seed(3)
+    buf = torch.randn(9, 37, generator=g)
+    a = buf[:6]  # a chunk of the logits buffer: row stride 37, unit column stride
+    b = torch.randn(6, 5, generator=g)
+    c = torch.full((37, 5), float("nan"))
+    tc._sgemm_at_b(sgemm, a, b, c, accumulate=False)
+    torch.testing.assert_close(c, a.t() @ b, rtol=1e-5, atol=1e-5)
+    tc._sgemm_at_b(sgemm, a, b, c, accumulate=True)
+    torch.testing.assert_close(c, 2 * (a.t() @ b), rtol=1e-5, atol=1e-5)
