@@ -84,8 +84,10 @@ def _worker(out_file: str) -> None:
 
 def torchrun(args, timeout=600, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port", str(29600 + os.getpid() % 300)] + args
+    # --standalone: the rendezvous picks a free port (a fixed port per test process was
+    # shared by this file's two launches and by any other job on the machine).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node=2"] + args
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
