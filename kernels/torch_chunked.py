@@ -62,6 +62,27 @@ def _check_targets(t, vocab, what):
 # V=151936 fp32), which breaks the fused path's O(chunk·V) extra-memory contract (SPEC §6).
 # Opt in with R1REWARD_ONEDNN_PACKED_WEIGHT=1 when memory is plentiful and the BLAS is slow.
 USE_ONEDNN = os.environ.get("R1REWARD_ONEDNN_PACKED_WEIGHT", "0") == "1"
+ONEDNN_MIN_ROWS = 16  # below this, one pass of packing W costs more than it saves
+_onednn = None  # None: not probed yet; False: unavailable; else (reorder, linear) ops
+
+
+def _onednn_ops():
+    """The oneDNN packed-linear ops, probed once (internal torch ops: fall back if absent)."""
+    global _onednn
+    if _onednn is None:
+        _onednn = False
+        try:
+            if torch.backends.mkldnn.is_available():
+                reorder = torch.ops.mkldnn._reorder_linear_weight
+                linear = torch.ops.mkldnn._linear_pointwise
+                x, w = torch.randn(3, 5), torch.randn(7, 5)
+                if torch.allclose(linear(x, reorder(w, 3), None, "none", [], ""), x @ w.t(),
+                                  atol=1e-5):
+                    _onednn = (reorder, linear)
+        except (AttributeError, RuntimeError):
+            pass
+    return _onednn or None
+
 
 # CPU fp32: the chunk GEMMs go through numpy's BLAS (the OpenBLAS that numpy's wheels
 # bundle) instead of torch.mm (MKL in the torch wheel). Measured on the 2-core AMD dev
@@ -74,7 +95,7 @@ USE_ONEDNN = os.environ.get("R1REWARD_ONEDNN_PACKED_WEIGHT", "0") == "1"
 # ctypes (probed and checked once; torch's addmm_ if it is missing). No copies: numpy
 # and the BLAS read the tensors' memory. "torch" forces torch.mm everywhere; "auto" uses
 # numpy's BLAS above NUMPY_GEMM_MIN_MACS.
-CPU_LOGITS_GEMM = os.environ.get("R1REWARD_CPU_LOGITS_GEMM", "auto")
+CPU_BLAS = os.environ.get("R1REWARD_CPU_BLAS", "auto")
 NUMPY_GEMM_MIN_MACS = 1 << 26  # below this the call overheads dominate either way
 _blas_ctl = None  # threadpoolctl controller for numpy's BLAS (None: not probed; False: absent)
 
@@ -119,8 +140,9 @@ def _openblas_sgemm():
                     if fn is None:
                         continue
                     fn.restype = None
-                    fn.argtypes = ([ctypes.c_int] * 3 + [int_t] * 3 + [ctypes.c_float, ctypes.c_void_p, int_t,
-                                   ctypes.c_void_p, int_t, ctypes.c_float, ctypes.c_void_p, int_t])
+                    ptr, f32 = ctypes.c_void_p, ctypes.c_float
+                    fn.argtypes = ([ctypes.c_int] * 3 + [int_t] * 3
+                                   + [f32, ptr, int_t, ptr, int_t, f32, ptr, int_t])
                     if _sgemm_matches_numpy(fn):
                         _sgemm = fn
                         return fn
@@ -147,26 +169,6 @@ def _sgemm_at_b(sgemm, a, b, c, accumulate: bool) -> None:
     n = b.shape[1]
     sgemm(_CBLAS_ROW_MAJOR, _CBLAS_TRANS, _CBLAS_NO_TRANS, m, n, k, 1.0, a.data_ptr(),
           a.stride(0), b.data_ptr(), n, 1.0 if accumulate else 0.0, c.data_ptr(), n)
-ONEDNN_MIN_ROWS = 16  # below this, one pass of packing W costs more than it saves
-_onednn = None  # None: not probed yet; False: unavailable; else (reorder, linear) ops
-
-
-def _onednn_ops():
-    """The oneDNN packed-linear ops, probed once (internal torch ops: fall back if absent)."""
-    global _onednn
-    if _onednn is None:
-        _onednn = False
-        try:
-            if torch.backends.mkldnn.is_available():
-                reorder = torch.ops.mkldnn._reorder_linear_weight
-                linear = torch.ops.mkldnn._linear_pointwise
-                x, w = torch.randn(3, 5), torch.randn(7, 5)
-                if torch.allclose(linear(x, reorder(w, 3), None, "none", [], ""), x @ w.t(),
-                                  atol=1e-5):
-                    _onednn = (reorder, linear)
-        except (AttributeError, RuntimeError):
-            pass
-    return _onednn or None
 
 
 class _Chunker:
@@ -183,8 +185,8 @@ class _Chunker:
         ops = (_onednn_ops() if USE_ONEDNN and h.device.type == "cpu"
                and n_rows >= ONEDNN_MIN_ROWS else None)
         self.buf = self.packed = self.w_np = None
-        if (CPU_LOGITS_GEMM != "torch" and ops is None and h.device.type == "cpu"
-                and (CPU_LOGITS_GEMM == "numpy"
+        if (CPU_BLAS != "torch" and ops is None and h.device.type == "cpu"
+                and (CPU_BLAS == "numpy"
                      or min(self.c, n_rows) * vocab * w.shape[1] >= NUMPY_GEMM_MIN_MACS)):
             self.w_np = self.w32.detach().numpy().T  # a view: Wᵀ as a transposed operand
         if ops is not None:

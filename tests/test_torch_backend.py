@@ -41,7 +41,7 @@ def small_chunks(monkeypatch, request):
     monkeypatch.setattr(tc, "LOGIT_BUDGET_BYTES", 4 * V_ODD * 4)
     monkeypatch.setattr(tc, "USE_ONEDNN", request.param == "onednn")
     monkeypatch.setattr(tc, "ONEDNN_MIN_ROWS", 1)
-    monkeypatch.setattr(tc, "CPU_LOGITS_GEMM", "numpy" if request.param == "numpy" else "torch")
+    monkeypatch.setattr(tc, "CPU_BLAS", "numpy" if request.param == "numpy" else "torch")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -418,10 +418,10 @@ def test_auto_gemm_uses_numpy_blas_above_threshold_with_torch_thread_count(monke
     seen = []
     real = tc._numpy_blas_threads
     monkeypatch.setattr(tc, "_numpy_blas_threads", lambda n: seen.append(n) or real(n))
-    monkeypatch.setattr(tc, "CPU_LOGITS_GEMM", "torch")
+    monkeypatch.setattr(tc, "CPU_BLAS", "torch")
     expected = token_logprobs(h, w, y, bias=b, backend="torch", temperature=0.7)
     assert not seen
-    monkeypatch.setattr(tc, "CPU_LOGITS_GEMM", "auto")
+    monkeypatch.setattr(tc, "CPU_BLAS", "auto")
     monkeypatch.setattr(tc, "NUMPY_GEMM_MIN_MACS", 1 << 40)
     token_logprobs(h, w, y, bias=b, backend="torch", temperature=0.7)
     assert not seen, "a small GEMM went to numpy"
