@@ -76,7 +76,15 @@ def parallelize(model: nn.Module, *, fsdp: bool, compile: bool, ac: bool, device
         # HF export) unchanged; non-reentrant is the variant that composes with FSDP2.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compile:
-        for block in vision_blocks(model) + decoder_blocks(model):
+        blocks = vision_blocks(model) + decoder_blocks(model)
+        # Every block runs the same forward code, and dynamo keeps one cache entry per
+        # variant it meets (vision vs text block, window vs full attention, each layer,
+        # training vs generation). Past the default limit of 8 entries it silently runs
+        # the remaining blocks eagerly (seen with 6 + 2 tiny blocks), so size it to the model.
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, 4 * len(blocks))
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 8 * len(blocks))
+        for block in blocks:
             block.compile(dynamic=True)  # in place: names stay the same
     if fsdp:
         apply_fsdp(model, device)
