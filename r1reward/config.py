@@ -130,6 +130,7 @@ class EvalConfig:
     batch_size: int = 32
     max_new_tokens: int = 80
     limit: int = 0  # 0 = whole held-out split
+    every: int = 0  # also evaluate every N RL steps (logged as heldout_accuracy); 0 = only before/after
 
 
 @dataclass

@@ -67,3 +67,53 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def plot_training_curves(run_dir: str | Path, before: float | None = None,
+                         after: float | None = None) -> Path | None:
+    """``<run_dir>/curves.png``: reward, rollout accuracy and answer-"1" rate per RL step
+    (with a running mean), and held-out accuracy before RL, every ``--eval.every`` steps
+    and after RL. Returns the path, or None when there is nothing to draw."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+        if path.exists() else []
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+
+    def running_mean(key, w=10):
+        vals = [r.get(key) for r in rows]
+        out = []
+        for i in range(len(vals)):
+            win = [v for v in vals[max(0, i - w + 1):i + 1] if isinstance(v, (int, float))]
+            out.append(sum(win) / len(win) if win else float("nan"))
+        return out
+
+    fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_r.plot(steps, [r.get("reward") for r in rows], color="C0", alpha=0.3, lw=0.8)
+    ax_r.plot(steps, running_mean("reward"), color="C0", label="reward (mean of 10)")
+    ax_r.set_xlabel("RL step")
+    ax_r.set_ylabel("reward")
+    ax_r.legend(fontsize=8)
+    ax_a.plot(steps, running_mean("accuracy"), color="C1", label="rollout accuracy (mean of 10)")
+    ax_a.plot(steps, running_mean("answer1_rate"), color="C2", ls=":", label='answer-"1" rate')
+    held = [(0, before)] + [(r["step"], r["heldout_accuracy"]) for r in rows
+                            if isinstance(r.get("heldout_accuracy"), (int, float))]
+    if after is not None:
+        held.append((steps[-1], after))
+    held = [(s, a) for s, a in held if isinstance(a, (int, float))]
+    if held:
+        ax_a.plot(*zip(*held), "ko-", ms=4, label="held-out accuracy (greedy)")
+    ax_a.set_xlabel("RL step")
+    ax_a.set_ylim(-0.02, 1.02)
+    ax_a.legend(fontsize=8)
+    fig.tight_layout()
+    out = run_dir / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -385,6 +385,13 @@ def run(cfg: JobConfig) -> dict | None:
         row["health"] = decision
         row["skipped_steps"] = health.skipped_total
         row["rollbacks"] = health.rollbacks
+        if cfg.eval.every > 0 and step % cfg.eval.every == 0 and step < cfg.steps:
+            # The held-out curve during RL (greedy, so it draws no random numbers and a
+            # resumed run logs the same values); the last step is the "after" evaluation.
+            r = evaluate(f"at step {step}")
+            if r["accuracy"] is not None:
+                row["heldout_accuracy"] = r["accuracy"]
+                row["heldout_answer1_rate"] = r["answer1_rate"]
         for k in phase:
             phase[k] += row[f"time_{k}"]
         state.step, state.cursor = step, state.cursor + cfg.rollout.batch_size
@@ -448,6 +455,8 @@ def run(cfg: JobConfig) -> dict | None:
     }
     if d.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        from r1reward.metrics import plot_training_curves
+        plot_training_curves(out, state.before["accuracy"], after["accuracy"])
         log0(d, f"held-out accuracy {summary['heldout_accuracy_before']} -> "
                 f"{summary['heldout_accuracy_after']}; {summary['wall_seconds']:.0f}s; "
                 f"run dir {out}")

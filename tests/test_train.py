@@ -40,7 +40,7 @@ def rows(run_dir):
 def test_default_pipeline_contract_and_export(tmp_path):
     out = tmp_path / "run"
     summary = run(parse_args(tiny_args(out, "--steps", "2", "--checkpoint.interval", "1",
-                                       "--checkpoint.keep", "1")))
+                                       "--checkpoint.keep", "1", "--eval.every", "1")))
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["steps"] == 2 and on_disk["wall_seconds"] > 0
     for k in ("heldout_accuracy_before", "heldout_accuracy_after"):
@@ -53,6 +53,9 @@ def test_default_pipeline_contract_and_export(tmp_path):
         assert set(REQUIRED_ROW) <= set(x) and set(TIMING_KEYS) <= set(x)
         assert 0.0 <= x["answer1_rate"] <= 1.0 and 0.0 <= x["filtered_frac"] <= 1.0
         assert math.isfinite(x["loss"]) and x["health"] == "ok"
+    # --eval.every 1: the held-out curve at step 1; the last step's value is the "after" one
+    assert 0.0 <= r[0]["heldout_accuracy"] <= 1.0 and "heldout_accuracy" not in r[1]
+    assert (out / "curves.png").stat().st_size > 0
     assert json.loads((out / "config.json").read_text())["steps"] == 2
     assert list((out / "tb").iterdir())  # TensorBoard events
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]  # keep=1
@@ -63,7 +66,9 @@ def test_default_pipeline_contract_and_export(tmp_path):
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
-    common = ("--steps", "3", "--checkpoint.interval", "1", "--no-eval.enabled",
+    # A held-out evaluation at step 2 (the step the run is killed after) must not shift
+    # what the resumed run draws.
+    common = ("--steps", "3", "--checkpoint.interval", "1", "--eval.every", "2",
               "--no-checkpoint.export")
     run(parse_args(tiny_args(tmp_path / "full", *common)))
     run(parse_args(tiny_args(tmp_path / "cut", *common, "--stop_after", "2")))
@@ -73,6 +78,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     def strip(rs):
         return [{k: v for k, v in x.items() if k not in TIMING_KEYS} for x in rs]
     assert strip(rows(tmp_path / "cut")) == strip(rows(tmp_path / "full"))
+    assert "heldout_accuracy" in rows(tmp_path / "full")[1]
 
 
 def test_grad_spike_rolls_back_with_lower_lr(tmp_path, monkeypatch):
