@@ -44,6 +44,10 @@ class SFTConfig:
     # response-vs-image comparison only after ~1000 (held-out 0.50 at 1200 steps of batch
     # 8, 0.69 at 1500 of batch 16).
     steps: int = 1500
+    # Fraction of templated targets written by a careless teacher that guesses without
+    # checking the image (r1reward.data.guessed_analysis); 0 = every target is careful.
+    guess_rate: float = 0.0
+    guess_kinds: str = ""  # comma list of question kinds the careless teacher guesses on; "" = all
     batch_size: int = 16
     lr: float = 3e-3
     weight_decay: float = 0.0

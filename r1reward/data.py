@@ -146,6 +146,26 @@ def templated_analysis(pair: PreferencePair) -> str:
     return f"<think>{body}Response {k} is faithful to the image, so Response {k} is better.</think><answer>{k}</answer>"
 
 
+def guessed_analysis(pair: PreferencePair, choice: int) -> str:
+    """A judgment from a careless teacher that never checks the image: it quotes both
+    responses and picks ``choice`` (right or wrong). Mixed into the cold-start data
+    (``--sft.guess_rate``) it stands for the noise of distilled judgments; RL has to learn
+    that checking the image pays."""
+    if choice not in (1, 2):
+        raise ValueError(f"guessed_analysis: choice must be 1 or 2, got {choice!r}")
+    m = pair.meta
+    if m.get("kind") in ASPECT:
+        kind, shape = m["kind"], m["shape"]
+        vals = {pair.preferred: m["truth"], 3 - pair.preferred: m["wrong"]}
+        body = (f"The question asks about the {ASPECT[kind]}. "
+                f"Response 1 says {_value_phrase(kind, shape, vals[1])} and "
+                f"Response 2 says {_value_phrase(kind, shape, vals[2])}. ")
+    else:
+        body = "Both responses answer the question. "
+    return (f"<think>{body}Without checking the image, Response {choice} sounds more likely, "
+            f"so Response {choice} is better.</think><answer>{choice}</answer>")
+
+
 def vocabulary_corpus() -> list[str]:
     """Every sentence the generator and templated_analysis can write (one per fact
     combination); the tiny tokenizer is trained on it so each word is a few tokens."""
@@ -164,6 +184,7 @@ def vocabulary_corpus() -> list[str]:
                         pair = PreferencePair("v", "", "", "", "", pref, {
                             "kind": kind, "shape": shape, "color": color, "truth": v, "wrong": wrong})
                         out.append(templated_analysis(pair))
+                        out.append(guessed_analysis(pair, pref))
     return out
 
 

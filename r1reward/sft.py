@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from r1reward.config import SFTConfig
-from r1reward.data import PreferencePair, load_pairs, templated_analysis
+from r1reward.data import PreferencePair, guessed_analysis, load_pairs, templated_analysis
 from r1reward.logprobs import FusedLMHead, SeqBatch, build_seq_batch, sft_loss
 
 SFT_VERSION = 1  # bump when the recipe changes, so stale caches are not reused
@@ -32,13 +32,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("R1REWARD_CACHE", Path.home() / ".cache" / "r1reward"))
 
 
-def templated_examples(pairs: list[PreferencePair], n: int, seed: int
-                       ) -> list[tuple[PreferencePair, str]]:
-    """A seeded subset of ``n`` pairs, every other one swapped, with templated targets."""
+def templated_examples(pairs: list[PreferencePair], n: int, seed: int, guess_rate: float = 0.0,
+                       guess_kinds: tuple[str, ...] = ()) -> list[tuple[PreferencePair, str]]:
+    """A seeded subset of ``n`` pairs, every other one swapped, with templated targets.
+
+    A ``guess_rate`` fraction of the targets (of the questions of ``guess_kinds`` only,
+    when given) come from a teacher that skips the image check and picks a response at
+    random (:func:`r1reward.data.guessed_analysis`)."""
+    if not 0.0 <= guess_rate <= 1.0:
+        raise ValueError(f"sft.guess_rate must be in [0, 1], got {guess_rate!r}")
     rng = random.Random(f"sft-{seed}")
     chosen = rng.sample(pairs, min(n, len(pairs))) if n > 0 else list(pairs)
     shown = [p.swapped() if i % 2 else p for i, p in enumerate(chosen)]
-    return [(p, templated_analysis(p)) for p in shown]
+    teacher = random.Random(f"sft-guess-{seed}")  # separate stream: guess_rate 0 = as before
+    out = []
+    for p in shown:
+        eligible = not guess_kinds or p.meta.get("kind") in guess_kinds
+        if teacher.random() < guess_rate and eligible:
+            out.append((p, guessed_analysis(p, teacher.choice((1, 2)))))
+        else:
+            out.append((p, templated_analysis(p)))
+    return out
 
 
 def load_sft_file(path: str | Path) -> tuple[list[tuple[PreferencePair, str]], list[str]]:
@@ -196,9 +210,12 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--n-examples", type=int, default=d.n_examples)
+    p.add_argument("--guess-rate", type=float, default=d.guess_rate,
+                   help="fraction of templated targets that guess without checking the image")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    cfg = SFTConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_examples=a.n_examples)
+    cfg = SFTConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_examples=a.n_examples,
+                    guess_rate=a.guess_rate)
     if a.data:
         examples, skipped = load_sft_file(a.data)
         for s in skipped:
@@ -209,7 +226,7 @@ def main(argv=None) -> None:
         from r1reward.data import generate_dataset
         train_file, _ = generate_dataset(cache_root() / "data" / "default", 256, 64, seed=0)
         examples = templated_examples(load_pairs(train_file, strict=True).pairs, cfg.n_examples,
-                                      a.seed)
+                                      a.seed, cfg.guess_rate)
     from r1reward.export import export_hf
     from r1reward.model import load_model_and_processor
     model, processor = load_model_and_processor(a.model)

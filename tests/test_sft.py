@@ -24,6 +24,34 @@ def test_examples_are_balanced_and_formatted(pairs):
     assert {p.preferred for p, _ in ex} == {1, 2}
 
 
+def test_guess_rate_mixes_in_careless_judgments(pairs):
+    from r1reward.data import guessed_analysis, templated_analysis
+    from r1reward.rewards import format_reward, parse_answer
+    many = pairs[0] * 50  # 400 examples
+    clean = templated_examples(many, 0, seed=3)
+    mixed = templated_examples(many, 0, seed=3, guess_rate=0.6)
+    assert [p for p, _ in clean] == [p for p, _ in mixed]  # same pairs, same orders
+    guessed = [(p, t) for p, t in mixed if "Without checking the image" in t]
+    assert 0.5 < len(guessed) / len(mixed) < 0.7
+    for p, t in mixed:
+        assert format_reward(t) == 1.0
+        if (p, t) not in guessed:
+            assert t == templated_analysis(p)
+    # the careless teacher picks either response regardless of the gold
+    right = sum(parse_answer(t) == p.preferred for p, t in guessed) / len(guessed)
+    assert 0.35 < right < 0.65
+    p = pairs[0][0]
+    t = guessed_analysis(p, 3 - p.preferred)
+    assert parse_answer(t) == 3 - p.preferred and "image shows" not in t
+    assert p.meta["truth"] in t and p.meta["wrong"] in t  # it quotes both claims
+    # only the named kinds get careless judgments
+    by_kind = templated_examples(many, 0, seed=3, guess_rate=1.0, guess_kinds=("shape",))
+    kinds = {p.meta["kind"]: "Without checking" in t for p, t in by_kind}
+    assert kinds == {"color": False, "shape": True, "count": False}
+    with pytest.raises(ValueError, match="guess_rate"):
+        templated_examples(many, 0, seed=3, guess_rate=1.5)
+
+
 def test_cold_start_learns_and_is_cached(pairs, tmp_path, monkeypatch):
     monkeypatch.setenv("R1REWARD_CACHE", str(tmp_path / "cache"))
     ex = templated_examples(pairs[0], 4, seed=0)
