@@ -26,7 +26,7 @@ class DataConfig:
     train: str | None = None  # release-format JSONL; None = generate the embedded set
     heldout: str | None = None  # held-out JSONL; None = generated split (or none with --data)
     n_train: int = 1024  # the cold start generalizes from 1024 pairs, memorizes 256
-    n_heldout: int = 64
+    n_heldout: int = 256
     gen_seed: int = 0  # seed of the generated set (independent of the training seed)
     # Kinds of the generated set (comma-separated subset of color,shape,count,position).
     kinds: str = "color,shape"
@@ -41,13 +41,17 @@ class SFTConfig:
     # the image, so the embedded run uses all generated pairs.
     n_examples: int = 0
     # The tiny model learns the format in ~250 steps, the image's fact by ~600 and the
-    # response-vs-image comparison only after ~1000 (held-out 0.50 at 1200 steps of batch
-    # 8, 0.69 at 1500 of batch 16).
-    steps: int = 1500
+    # response-vs-image comparison late and abruptly, separately for colour and shape
+    # questions: with the careless teacher below, 2000 steps of 16 learned it for one of
+    # the two kinds (two runs, one each), 3000 for both.
+    steps: int = 3000
     # Fraction of templated targets written by a careless teacher that guesses without
     # checking the image (r1reward.data.guessed_analysis); 0 = every target is careful.
-    guess_rate: float = 0.0
-    guess_kinds: str = ""  # comma list of question kinds the careless teacher guesses on; "" = all
+    # The embedded default has it guess on 70 % of the triangle pairs, so the cold start
+    # (greedy) guesses on triangles while it judges circles and squares by the image: the
+    # noise distilled judgments carry, and what RL's outcome reward has to correct.
+    guess_rate: float = 0.7
+    guess_on: str = "triangle"  # comma list of question kinds or shapes it guesses on; "" = all
     batch_size: int = 16
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -134,13 +138,13 @@ class EvalConfig:
     batch_size: int = 32
     max_new_tokens: int = 80
     limit: int = 0  # 0 = whole held-out split
-    every: int = 0  # also evaluate every N RL steps (logged as heldout_accuracy); 0 = only before/after
+    every: int = 25  # also evaluate every N RL steps (logged as heldout_accuracy); 0 = only before/after
 
 
 @dataclass
 class JobConfig:
     output: str | None = None  # run dir; None = runs/<timestamp>
-    steps: int = 60
+    steps: int = 100
     seed: int = 0
     log_every: int = 1
     progress: bool = True

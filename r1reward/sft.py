@@ -33,11 +33,11 @@ def cache_root() -> Path:
 
 
 def templated_examples(pairs: list[PreferencePair], n: int, seed: int, guess_rate: float = 0.0,
-                       guess_kinds: tuple[str, ...] = ()) -> list[tuple[PreferencePair, str]]:
+                       guess_on: tuple[str, ...] = ()) -> list[tuple[PreferencePair, str]]:
     """A seeded subset of ``n`` pairs, every other one swapped, with templated targets.
 
-    A ``guess_rate`` fraction of the targets (of the questions of ``guess_kinds`` only,
-    when given) come from a teacher that skips the image check and picks a response at
+    A ``guess_rate`` fraction of the targets (only of pairs whose question kind or shape
+    is in ``guess_on``, when given) come from a teacher that skips the image check and picks a response at
     random (:func:`r1reward.data.guessed_analysis`)."""
     if not 0.0 <= guess_rate <= 1.0:
         raise ValueError(f"sft.guess_rate must be in [0, 1], got {guess_rate!r}")
@@ -47,7 +47,7 @@ def templated_examples(pairs: list[PreferencePair], n: int, seed: int, guess_rat
     teacher = random.Random(f"sft-guess-{seed}")  # separate stream: guess_rate 0 = as before
     out = []
     for p in shown:
-        eligible = not guess_kinds or p.meta.get("kind") in guess_kinds
+        eligible = not guess_on or bool({p.meta.get("kind"), p.meta.get("shape")} & set(guess_on))
         if teacher.random() < guess_rate and eligible:
             out.append((p, guessed_analysis(p, teacher.choice((1, 2)))))
         else:

@@ -271,9 +271,9 @@ def run(cfg: JobConfig) -> dict | None:
                 examples, _ = load_sft_file(cfg.sft.data)
                 examples = examples[:cfg.sft.n_examples] if cfg.sft.n_examples > 0 else examples
             else:
-                guess_kinds = tuple(k.strip() for k in cfg.sft.guess_kinds.split(",") if k.strip())
+                guess_on = tuple(k.strip() for k in cfg.sft.guess_on.split(",") if k.strip())
                 examples = templated_examples(train_pairs, cfg.sft.n_examples, cfg.seed,
-                                              cfg.sft.guess_rate, guess_kinds)
+                                              cfg.sft.guess_rate, guess_on)
             init_dir, state.sft = cold_start(base_dir, examples, cfg.sft, seed=cfg.seed,
                                              log=lambda m: log0(d, m))
         init_dir, state.sft = broadcast(d, (init_dir, state.sft))

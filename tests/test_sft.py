@@ -45,9 +45,11 @@ def test_guess_rate_mixes_in_careless_judgments(pairs):
     assert parse_answer(t) == 3 - p.preferred and "image shows" not in t
     assert p.meta["truth"] in t and p.meta["wrong"] in t  # it quotes both claims
     # only the named kinds get careless judgments
-    by_kind = templated_examples(many, 0, seed=3, guess_rate=1.0, guess_kinds=("shape",))
+    by_kind = templated_examples(many, 0, seed=3, guess_rate=1.0, guess_on=("shape",))
     kinds = {p.meta["kind"]: "Without checking" in t for p, t in by_kind}
     assert kinds == {"color": False, "shape": True, "count": False}
+    by_shape = templated_examples(many, 0, seed=3, guess_rate=1.0, guess_on=("triangle",))
+    assert {(p.meta["shape"] == "triangle") == ("Without checking" in t) for p, t in by_shape} == {True}
     with pytest.raises(ValueError, match="guess_rate"):
         templated_examples(many, 0, seed=3, guess_rate=1.5)
 
