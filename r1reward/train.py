@@ -284,7 +284,7 @@ def run(cfg: JobConfig) -> dict | None:
     judge = build_judge(cfg, d.device)
     ckpt = Checkpointer(out, keep=cfg.checkpoint.keep)
     health = HealthMonitor(cfg.health.spike_factor, cfg.health.window, cfg.health.min_history,
-                           cfg.health.max_bad_steps)
+                           cfg.health.max_bad_steps, min_spike_norm=cfg.health.min_spike_norm)
     metrics = MetricsLogger(out, enabled=d.is_main)
 
     def restore(path) -> None:

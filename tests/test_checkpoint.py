@@ -73,6 +73,11 @@ def test_health_skip_spike_and_rollback():
     assert h.check(float("nan"), 1.0) == "skip:nonfinite_loss"
     assert h.check(0.5, float("inf")).startswith("rollback:nonfinite_grad")
     assert (h.skipped_total, h.rollbacks) == (3, 1)
+    # a converged policy: median norm 0.01, then a step at 0.2 (20x, but below the floor)
+    h3 = HealthMonitor(spike_factor=10, min_history=3, min_spike_norm=1.0)
+    for g in (0.01, 0.012, 0.009, 0.2):
+        assert h3.check(0.5, g) == "ok"
+    assert h3.check(0.5, 5.0).startswith("skip:grad_spike")  # above both: still a spike
     h2 = HealthMonitor()
     h2.load_state_dict(h.state_dict())
     assert h2.state_dict() == h.state_dict()
