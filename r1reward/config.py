@@ -129,8 +129,8 @@ class HealthConfig:
     min_history: int = 5
     max_bad_steps: int = 3  # consecutive bad steps before rolling back
     lr_backoff: float = 0.5
-    max_rollbacks: int = 3
-    min_spike_norm: float = 1.0  # grad norms up to this (the clip threshold) are never spikes  # more than this and RL stops early (reported in summary.json)
+    max_rollbacks: int = 3  # more than this and RL stops early (reported in summary.json)
+    min_spike_norm: float = 1.0  # grad norms up to this (the clip threshold) are never spikes
 
 
 @dataclass

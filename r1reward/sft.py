@@ -37,8 +37,8 @@ def templated_examples(pairs: list[PreferencePair], n: int, seed: int, guess_rat
     """A seeded subset of ``n`` pairs, every other one swapped, with templated targets.
 
     A ``guess_rate`` fraction of the targets (only of pairs whose question kind or shape
-    is in ``guess_on``, when given) come from a teacher that skips the image check and picks a response at
-    random (:func:`r1reward.data.guessed_analysis`)."""
+    is in ``guess_on``, when given) come from a teacher that skips the image check and
+    picks a response at random (:func:`r1reward.data.guessed_analysis`)."""
     if not 0.0 <= guess_rate <= 1.0:
         raise ValueError(f"sft.guess_rate must be in [0, 1], got {guess_rate!r}")
     rng = random.Random(f"sft-{seed}")
@@ -53,6 +53,13 @@ def templated_examples(pairs: list[PreferencePair], n: int, seed: int, guess_rat
         else:
             out.append((p, templated_analysis(p)))
     return out
+
+
+def examples_for(pairs: list[PreferencePair], cfg: SFTConfig, seed: int
+                 ) -> list[tuple[PreferencePair, str]]:
+    """The templated cold-start examples ``cfg`` asks for (subset, careless teacher)."""
+    guess_on = tuple(k.strip() for k in cfg.guess_on.split(",") if k.strip())
+    return templated_examples(pairs, cfg.n_examples, seed, cfg.guess_rate, guess_on)
 
 
 def load_sft_file(path: str | Path) -> tuple[list[tuple[PreferencePair, str]], list[str]]:
@@ -212,10 +219,12 @@ def main(argv=None) -> None:
     p.add_argument("--n-examples", type=int, default=d.n_examples)
     p.add_argument("--guess-rate", type=float, default=d.guess_rate,
                    help="fraction of templated targets that guess without checking the image")
+    p.add_argument("--guess-on", default=d.guess_on,
+                   help='question kinds or shapes the careless teacher guesses on ("" = all)')
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     cfg = SFTConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_examples=a.n_examples,
-                    guess_rate=a.guess_rate)
+                    guess_rate=a.guess_rate, guess_on=a.guess_on)
     if a.data:
         examples, skipped = load_sft_file(a.data)
         for s in skipped:
@@ -225,8 +234,7 @@ def main(argv=None) -> None:
     else:
         from r1reward.data import generate_dataset
         train_file, _ = generate_dataset(cache_root() / "data" / "default", 256, 64, seed=0)
-        examples = templated_examples(load_pairs(train_file, strict=True).pairs, cfg.n_examples,
-                                      a.seed, cfg.guess_rate)
+        examples = examples_for(load_pairs(train_file, strict=True).pairs, cfg, a.seed)
     from r1reward.export import export_hf
     from r1reward.model import load_model_and_processor
     model, processor = load_model_and_processor(a.model)

@@ -30,7 +30,7 @@ from r1reward.logprobs import FusedLMHead, micro_batches, policy_loss, sequence_
 from r1reward.metrics import MetricsLogger
 from r1reward.parallelize import Dist, all_reduce_sum, barrier, init_distributed, parallelize
 from r1reward.rewards import compute_rewards
-from r1reward.sft import cache_root, cold_start, load_sft_file, templated_examples
+from r1reward.sft import cache_root, cold_start, examples_for, load_sft_file
 
 # Per-step fields that depend on wall time (everything else must be reproducible).
 TIMING_KEYS = ("time_rollout", "time_logprobs", "time_update", "time_step", "tokens_per_s")
@@ -271,9 +271,7 @@ def run(cfg: JobConfig) -> dict | None:
                 examples, _ = load_sft_file(cfg.sft.data)
                 examples = examples[:cfg.sft.n_examples] if cfg.sft.n_examples > 0 else examples
             else:
-                guess_on = tuple(k.strip() for k in cfg.sft.guess_on.split(",") if k.strip())
-                examples = templated_examples(train_pairs, cfg.sft.n_examples, cfg.seed,
-                                              cfg.sft.guess_rate, guess_on)
+                examples = examples_for(train_pairs, cfg.sft, cfg.seed)
             init_dir, state.sft = cold_start(base_dir, examples, cfg.sft, seed=cfg.seed,
                                              log=lambda m: log0(d, m))
         init_dir, state.sft = broadcast(d, (init_dir, state.sft))

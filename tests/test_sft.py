@@ -50,6 +50,10 @@ def test_guess_rate_mixes_in_careless_judgments(pairs):
     assert kinds == {"color": False, "shape": True, "count": False}
     by_shape = templated_examples(many, 0, seed=3, guess_rate=1.0, guess_on=("triangle",))
     assert {(p.meta["shape"] == "triangle") == ("Without checking" in t) for p, t in by_shape} == {True}
+    # the config path (trainer and `python -m r1reward.sft`): the default guesses on triangles only
+    from r1reward.sft import examples_for
+    from_cfg = examples_for(many, SFTConfig(guess_rate=1.0), seed=3)
+    assert {(p.meta["shape"] == "triangle") == ("Without checking" in t) for p, t in from_cfg} == {True}
     with pytest.raises(ValueError, match="guess_rate"):
         templated_examples(many, 0, seed=3, guess_rate=1.5)
 
