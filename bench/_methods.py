@@ -8,8 +8,8 @@ other packages or from backends still being written report why they cannot run
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -142,6 +142,7 @@ def _cce(method, inp, opts):
     """CCE's per-token cross-entropy (= -logp), then our loss on top. CUDA: the Triton
     kernels (exact, or filtered at our bf16 threshold); CPU: its torch.compile path."""
     from cut_cross_entropy import linear_cross_entropy
+
     from r1reward.kernels import BF16_FILTER_EPS
     cuda = inp["hidden"].device.type == "cuda"
     impl = "cce" if cuda else "torch_compile"

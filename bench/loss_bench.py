@@ -37,7 +37,7 @@ def _int_list(s: str) -> list[int]:
     try:
         out = [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
     if not out or min(out) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
     return out
@@ -109,7 +109,7 @@ def problems(args) -> list[Problem]:
                                        dtype=args.dtype, device=args.device, seed=args.seed,
                                        target_p=args.target_p))
                 except ValueError as e:
-                    raise SystemExit(f"bad problem (--tokens/--batch/--hidden/--vocab): {e}")
+                    raise SystemExit(f"bad problem (--tokens/--batch/--hidden/--vocab): {e}") from None
     return out
 
 

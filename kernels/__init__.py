@@ -3,8 +3,14 @@
 Layers: Triton kernels (``triton_fwd``/``triton_bwd``) and the chunked PyTorch path
 (``torch_chunked``) → autograd functions → this functional API and ``StableReinforceLoss``.
 """
-from .functional import (BACKENDS, BF16_FILTER_EPS, fused_stable_reinforce_loss,
-                         resolve_backend, stable_reinforce_loss, token_logprobs)
+from .functional import (
+                         BACKENDS,
+                         BF16_FILTER_EPS,
+                         fused_stable_reinforce_loss,
+                         resolve_backend,
+                         stable_reinforce_loss,
+                         token_logprobs,
+)
 from .loss_math import LossSettings, token_weights
 from .module import StableReinforceLoss
 

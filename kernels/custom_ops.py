@@ -18,7 +18,6 @@ transformers imports whatever ``kernels`` it finds while probing for the Hugging
 package of that name. A second registration of the same op names would break the ops.
 """
 import importlib
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -88,7 +87,7 @@ def _register(name, impl_module):
 
     # ---- token log-probs: forward op, backward op, autograd glue -------------------
     @torch.library.custom_op(f"{NAMESPACE}::{name}_token_logprobs", mutates_args=())
-    def lp_fwd(h: Tensor, w: Tensor, t: Tensor, bias: Optional[Tensor], temperature: float,
+    def lp_fwd(h: Tensor, w: Tensor, t: Tensor, bias: Tensor | None, temperature: float,
                ignore_index: int, return_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
         return lp_fwd_impl(h, w, t, bias, temperature, ignore_index, return_entropy)
 
@@ -99,7 +98,7 @@ def _register(name, impl_module):
         return h.new_empty(n, **f32), h.new_empty(n, **f32), h.new_empty(n if return_entropy else 0, **f32)
 
     @torch.library.custom_op(f"{NAMESPACE}::{name}_token_logprobs_bwd", mutates_args=())
-    def lp_bwd(grad_lp: Tensor, h: Tensor, w: Tensor, t: Tensor, bias: Optional[Tensor],
+    def lp_bwd(grad_lp: Tensor, h: Tensor, w: Tensor, t: Tensor, bias: Tensor | None,
                lse: Tensor, temperature: float, ignore_index: int, need_dh: bool,
                need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
         return lp_bwd_impl(grad_lp, h, w, t, bias, lse, temperature, ignore_index,
@@ -133,10 +132,10 @@ def _register(name, impl_module):
     # ---- fused loss: gradients computed in the forward, backward only scales them ----
     @torch.library.custom_op(f"{NAMESPACE}::{name}_fused_loss", mutates_args=())
     def fused(h: Tensor, w: Tensor, t: Tensor, old_lp: Tensor, adv: Tensor,
-              ref_lp: Optional[Tensor], tok_weight: Tensor, valid: Tensor,
-              bias: Optional[Tensor], temperature: float, preclip: list[float],
-              clip_eps: list[float], dual_clip: Optional[float], kl_coef: float,
-              kl_estimator: str, return_entropy: bool, filter_eps: Optional[float],
+              ref_lp: Tensor | None, tok_weight: Tensor, valid: Tensor,
+              bias: Tensor | None, temperature: float, preclip: list[float],
+              clip_eps: list[float], dual_clip: float | None, kl_coef: float,
+              kl_estimator: str, return_entropy: bool, filter_eps: float | None,
               need_dh: bool, need_dw: bool, need_db: bool
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         s = LossSettings(preclip=tuple(preclip) if preclip else None, clip_eps=tuple(clip_eps),

@@ -9,11 +9,17 @@ import importlib
 
 import torch
 
-from .loss_math import (DEFAULT_PRECLIP, LossSettings, broadcast_advantages, loss_and_grad,
-                        loss_stats, per_token_loss, token_weights)
-
 from . import reference as _reference
 from . import torch_chunked as _torch_chunked
+from .loss_math import (
+    DEFAULT_PRECLIP,
+    LossSettings,
+    broadcast_advantages,
+    loss_and_grad,
+    loss_stats,
+    per_token_loss,
+    token_weights,
+)
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 _MODULES = {"triton": ".triton_ops", "torch": ".torch_chunked", "reference": ".reference"}

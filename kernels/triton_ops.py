@@ -14,7 +14,6 @@ temperature, settings, return_entropy, filter_eps)``.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -76,7 +75,7 @@ def _empty(h: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------- ops
 @torch.library.custom_op("r1reward::triton_logits_bwd", mutates_args=())
-def _bwd_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, g: Tensor,
+def _bwd_op(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, g: Tensor,
             lse: Tensor, temperature: float, filter_eps: float, need_dh: bool,
             need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     h, weight = h.contiguous(), weight.contiguous()
@@ -96,7 +95,7 @@ def _(h, weight, bias, targets, g, lse, temperature, filter_eps, need_dh, need_d
 
 
 @torch.library.custom_op("r1reward::triton_token_logprobs", mutates_args=())
-def _tlp_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+def _tlp_op(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
             temperature: float, ignore_index: int, need_lse: bool,
             want_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     h, weight, bias, targets, rows = _prep(h, weight, bias, targets, targets != ignore_index)
@@ -131,8 +130,8 @@ _tlp_op.register_autograd(_tlp_backward, setup_context=_tlp_setup)
 
 
 @torch.library.custom_op("r1reward::triton_fused_loss", mutates_args=())
-def _fused_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-              old_lp: Tensor, adv: Tensor, ref_lp: Optional[Tensor], tok_weight: Tensor,
+def _fused_op(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+              old_lp: Tensor, adv: Tensor, ref_lp: Tensor | None, tok_weight: Tensor,
               valid: Tensor, temperature: float, preclip_lo: float, preclip_hi: float,
               use_preclip: bool, clip_lo: float, clip_hi: float, dual_c: float,
               use_dual: bool, kl_coef: float, kl_estimator: str, want_entropy: bool,

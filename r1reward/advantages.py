@@ -108,7 +108,8 @@ def reinforce_pp_advantages(rewards: torch.Tensor, response_mask: torch.Tensor,
             raise ValueError("kl_coef > 0 needs both old_logp and ref_logp [B, R] (or set kl_coef=0)")
         for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
             if t.shape != m.shape:
-                raise ValueError(f"{name} must have response_mask's shape {tuple(m.shape)}, got {tuple(t.shape)}")
+                raise ValueError(f"{name} must have response_mask's shape {tuple(m.shape)}, "
+                                 f"got {tuple(t.shape)}")
         token_r = token_r - kl_coef * kl_per_token(old_logp, ref_logp, kl_estimator)
     token_r = torch.where(m, token_r, torch.zeros_like(token_r))
     returns = token_r.flip(1).cumsum(1).flip(1)

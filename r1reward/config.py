@@ -162,7 +162,7 @@ class JobConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def validate(self) -> "JobConfig":
+    def validate(self) -> JobConfig:
         checks = [
             (self.steps >= 0, "steps must be >= 0"),
             (self.rollout.batch_size >= 1, "rollout.batch_size must be >= 1"),
@@ -205,7 +205,7 @@ class JobConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "JobConfig":
+    def from_dict(cls, d: dict) -> JobConfig:
         cfg = cls()
         for k, v in d.items():
             sub = getattr(cfg, k, None)

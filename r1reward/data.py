@@ -70,7 +70,7 @@ class PreferencePair:
         if self.preferred not in (1, 2):
             raise ValueError(f"PreferencePair {self.id!r}: preferred must be 1 or 2, got {self.preferred!r}")
 
-    def swapped(self) -> "PreferencePair":
+    def swapped(self) -> PreferencePair:
         """Same pair with the responses exchanged and ``preferred`` flipped (same id)."""
         return dataclasses.replace(self, response_1=self.response_2, response_2=self.response_1,
                                    preferred=3 - self.preferred, meta=dict(self.meta))
@@ -143,7 +143,8 @@ def templated_analysis(pair: PreferencePair) -> str:
     else:
         body = (f"Response {k} describes the image correctly. "
                 f"Response {other} contains a detail that does not match the image. ")
-    return f"<think>{body}Response {k} is faithful to the image, so Response {k} is better.</think><answer>{k}</answer>"
+    return (f"<think>{body}Response {k} is faithful to the image, so Response {k} is better.</think>"
+            f"<answer>{k}</answer>")
 
 
 def guessed_analysis(pair: PreferencePair, choice: int) -> str:
@@ -357,7 +358,8 @@ def _parse_record(rec, line_no: int, base: Path) -> PreferencePair:
     ans = ans[0] if isinstance(ans, list) and len(ans) == 1 else ans
     m = _ANSWER_RE.match(str(ans)) if isinstance(ans, (str, int)) else None
     if not m:
-        raise ValueError(f"field 'answer' must be ['<answer>1</answer>'] or ['<answer>2</answer>'], got {rec['answer']!r}")
+        raise ValueError("field 'answer' must be ['<answer>1</answer>'] or ['<answer>2</answer>'], "
+                         f"got {rec['answer']!r}")
     preferred = int(m.group(1) or m.group(2))
     q, r1, r2 = parsed
     meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}

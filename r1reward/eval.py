@@ -84,6 +84,7 @@ def check_run(out: Path, run: dict, overwrite: bool):
 def evaluate(judge, items, out: Path, k: int, orders, batch_size: int, progress=True) -> tuple[list, list]:
     """Judge every (item, order) not yet in results.jsonl; returns (rows, runtime skips)."""
     from tqdm import tqdm
+
     from .judge import PairRequest, to_image
     path = out / "results.jsonl"
     done = read_results(path, k)
@@ -139,7 +140,8 @@ def print_table(summary: dict, file=None):
               ("accuracy, chosen second", lambda m: m["accuracy_by_order"]["chosen_second"]),
               ("debiased score accuracy", lambda m: m["debiased_score_accuracy"]),
               ("Any@K", lambda m: m["any_at_k"]), ("flip rate under swap", lambda m: m["flip_rate"]),
-              ("answer-1 rate", lambda m: m["answer1_rate"]), ("no-verdict rate", lambda m: m["no_verdict_rate"])]
+              ("answer-1 rate", lambda m: m["answer1_rate"]),
+              ("no-verdict rate", lambda m: m["no_verdict_rate"])]
     for name, get in lines:
         print(f"{name:{w}} " + " ".join(f"{fmt(get(summary['by_k'][k])):>7}" for k in ks), file=file)
 
@@ -171,7 +173,8 @@ def plot(summary: dict, path: Path):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m r1reward.eval", description=__doc__.split("\n")[0])
     ap.add_argument("--bench", required=True, choices=[*B.BENCHES, PAIRS])
-    ap.add_argument("--data", default=None, help="benchmark jsonl (default for pairs: the generated held-out split)")
+    ap.add_argument("--data", default=None,
+                    help="benchmark jsonl (default for pairs: the generated held-out split)")
     ap.add_argument("--images", default=None, help="folder the records' image paths are relative to")
     ap.add_argument("--model", default=None, help="checkpoint dir (default: the embedded tiny model)")
     ap.add_argument("--output", default="eval_out")
@@ -202,7 +205,8 @@ def main(argv=None, judge=None) -> dict:
     items = load.items[:a.limit] if a.limit else load.items
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
-    run = {"bench": a.bench, "data": str(a.data) if a.data else f"generated held-out n={a.n_heldout} seed={a.seed} kinds={a.kinds}",
+    generated = f"generated held-out n={a.n_heldout} seed={a.seed} kinds={a.kinds}"
+    run = {"bench": a.bench, "data": str(a.data) if a.data else generated,
            "model": str(a.model) if a.model else "embedded tiny model"}
     check_run(out, run, a.overwrite)
     for ref, why in load.skipped:

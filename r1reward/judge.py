@@ -34,7 +34,7 @@ class PairRequest:
     response_1: str
     response_2: str
 
-    def swapped(self) -> "PairRequest":
+    def swapped(self) -> PairRequest:
         return PairRequest(self.image, self.question, self.response_2, self.response_1)
 
 
@@ -162,7 +162,7 @@ class RewardJudge:
         self._answer_ids = None
 
     @classmethod
-    def from_pretrained(cls, path=None, *, device: str = "cpu", dtype=None, **kw) -> "RewardJudge":
+    def from_pretrained(cls, path=None, *, device: str = "cpu", dtype=None, **kw) -> RewardJudge:
         """A trained export or, with ``path=None``, the embedded tiny model."""
         from .model import load_model_and_processor
         model, processor = load_model_and_processor(path, dtype=dtype, device=device)
@@ -188,6 +188,7 @@ class RewardJudge:
     def _generate_texts(self, reqs, n: int, do_sample: bool) -> list[list[str]]:
         """n analyses per request (greedy when not do_sample)."""
         import torch
+
         from .generation import generate
         out = [None] * len(reqs)
         for idx in self._chunks(reqs, lambda r: r.image is not None):
@@ -229,6 +230,7 @@ class RewardJudge:
         """rows: (request, generated text). One forward per chunk over prompt + answer
         prefix; P("1") from the two answer logits at the last position."""
         import torch
+
         from .generation import build_prompt_inputs
         tok = getattr(self.processor, "tokenizer", self.processor)
         i1, i2 = self.answer_token_ids()

@@ -39,7 +39,7 @@ class SeqBatch:
     def __len__(self):
         return self.input_ids.shape[0]
 
-    def select(self, idx: list[int]) -> "SeqBatch":
+    def select(self, idx: list[int]) -> SeqBatch:
         """Rows ``idx`` (micro-batches): pixel_values are split per image by its grid size."""
         vision = {}
         grid = self.vision.get("image_grid_thw")
@@ -57,7 +57,7 @@ class SeqBatch:
         return SeqBatch(self.input_ids[idx], self.attention_mask[idx], self.prompt_len,
                         self.response_ids[idx], self.response_mask[idx], vision)
 
-    def to(self, device) -> "SeqBatch":
+    def to(self, device) -> SeqBatch:
         vision = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.vision.items()}
         return SeqBatch(self.input_ids.to(device), self.attention_mask.to(device), self.prompt_len,
                         self.response_ids.to(device), self.response_mask.to(device), vision)

@@ -21,9 +21,10 @@ import logging
 import mimetypes
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -418,7 +419,8 @@ class LocalJudge:
             try:
                 replies = self.generator.generate_texts(prompts)
                 if len(replies) != len(prompts):
-                    raise ValueError(f"generate_texts returned {len(replies)} texts for {len(prompts)} prompts")
+                    raise ValueError(f"generate_texts returned {len(replies)} texts "
+                                     f"for {len(prompts)} prompts")
             except Exception as e:  # a broken judge must not stop training; it earns nothing
                 log.warning("local judge failed on %d samples: %s", len(idx), e)
                 replies = [None] * len(idx)

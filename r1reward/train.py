@@ -20,8 +20,13 @@ import torch
 import torch.distributed as dist
 
 from r1reward import rollout as rollout_mod
-from r1reward.advantages import (advantage_filter, grpo_advantages, kl_per_token,
-                                 reinforce_pp_advantages, rloo_advantages)
+from r1reward.advantages import (
+    advantage_filter,
+    grpo_advantages,
+    kl_per_token,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
 from r1reward.checkpoint import Checkpointer
 from r1reward.config import JobConfig, default_output_dir, parse_args
 from r1reward.data import DATA_VERSION, generate_dataset, load_pairs

@@ -8,10 +8,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from r1reward.advantages import (advantage_filter, grpo_advantages, kl_per_token,
-                                 last_token_rewards, masked_normalize, reinforce_pp_advantages,
-                                 rloo_advantages)
+from r1reward.advantages import (
+    advantage_filter,
+    grpo_advantages,
+    kl_per_token,
+    last_token_rewards,
+    masked_normalize,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
 from r1reward.kernels import stable_reinforce_loss
+
 
 def close(t, expected, atol=1e-6):
     torch.testing.assert_close(t, torch.tensor(expected, dtype=t.dtype), atol=atol, rtol=0)

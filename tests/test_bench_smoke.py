@@ -124,4 +124,4 @@ def test_methods_compute_the_same_loss_and_gradients(monkeypatch):
     ref = results.pop("naive")
     for m, got in results.items():
         for a, b in zip(got, ref):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda s: f"{m}: {s}")
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda s, m=m: f"{m}: {s}")

@@ -30,12 +30,16 @@ def _train(model, opt, steps):
 
 
 def test_resume_continues_exactly(tmp_path):
-    torch.manual_seed(1); random.seed(1); np.random.seed(1)
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
     model, opt = _setup()
     full = _train(model, opt, 6)
     final = [p.detach().clone() for p in model.parameters()]
 
-    torch.manual_seed(1); random.seed(1); np.random.seed(1)
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
     model, opt = _setup()
     first = _train(model, opt, 3)
     ck = Checkpointer(tmp_path, keep=2)
@@ -84,11 +88,11 @@ def test_health_skip_spike_and_rollback():
 
 
 def test_hf_export_reloads_with_from_pretrained(tmp_path):
+    from test_train_utils import seq_batch, tiny_vlm
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from r1reward.export import export_hf
     from r1reward.logprobs import FusedLMHead
-    from test_train_utils import seq_batch, tiny_vlm
 
     model = tiny_vlm(seed=4)
     FusedLMHead.install(model, backend="reference")  # the trainer's head must not leak out

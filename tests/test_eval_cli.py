@@ -7,10 +7,10 @@ import sys
 
 import pytest
 from PIL import Image
-
-from r1reward import eval as E
 from test_benchmarks import FIXTURE
 from test_judge import ScriptedJudge
+
+from r1reward import eval as E
 
 N = 30
 
@@ -89,7 +89,8 @@ def test_cli_on_embedded_tiny_model(tiny_dir, tmp_path):
     """The real path: tiny checkpoint, generated held-out pairs, both orders, K = 3."""
     out = tmp_path / "tiny"
     env = dict(os.environ, R1REWARD_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "r1reward.eval", "--bench", "pairs", "--model", str(tiny_dir),
+    proc = subprocess.run([sys.executable, "-m", "r1reward.eval", "--bench", "pairs",
+                           "--model", str(tiny_dir),
                            "--n-heldout", "4", "--limit", "2", "--swap", "--k", "3", "--max-new-tokens", "8",
                            "--no-progress", "--output", str(out)], capture_output=True, text=True, env=env,
                           timeout=600)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -20,9 +19,10 @@ def _worker(out_file: str) -> None:
     import torch.distributed as dist
 
     sys.path.insert(0, str(HERE))
+    from test_train_utils import seq_batch, tiny_vlm
+
     from r1reward.logprobs import FusedLMHead, policy_loss, sequence_logprobs
     from r1reward.parallelize import init_distributed, parallelize
-    from test_train_utils import seq_batch, tiny_vlm
 
     d = init_distributed(fsdp=True)
     torch.manual_seed(0)

@@ -51,7 +51,7 @@ class ScriptedJudge(RewardJudge):
                     self._seen[id(r)] += 1
                 else:
                     a = 1 if scripted_p1(r.response_1, r.response_2) >= 0.5 else 2
-                texts.append("<think>compared</think>" + ("<answer>%s</answer>" % a if a else "no answer"))
+                texts.append("<think>compared</think>" + (f"<answer>{a}</answer>" if a else "no answer"))
             out.append(texts)
         return out
 
@@ -170,6 +170,7 @@ def test_calibrated_p1_equals_a_direct_forward(tiny_judge):
     """The spliced, left-padded batch forward gives the same P("1") as one unpadded
     forward over the chat prompt + analysis up to <answer> for each row alone."""
     import torch
+
     from r1reward.generation import prompt_texts
     j, proc = tiny_judge, tiny_judge.processor
     red, blue = Image.new("RGB", (112, 112), (220, 30, 30)), Image.new("RGB", (64, 96), (30, 60, 220))

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from r1reward.kernels.loss_math import (LossSettings, loss_and_grad, per_token_loss,
-                                        token_weights)
+from r1reward.kernels.loss_math import LossSettings, loss_and_grad, per_token_loss, token_weights
 
 SETTINGS = [
     LossSettings(),

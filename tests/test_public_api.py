@@ -9,8 +9,12 @@ import pytest
 import torch
 
 import r1reward.kernels as K
-from r1reward.kernels import (StableReinforceLoss, fused_stable_reinforce_loss,
-                              stable_reinforce_loss, token_logprobs)
+from r1reward.kernels import (
+    StableReinforceLoss,
+    fused_stable_reinforce_loss,
+    stable_reinforce_loss,
+    token_logprobs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,7 +157,7 @@ def test_double_import_as_top_level_kernels_keeps_ops_working():
     import subprocess
     import sys
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        "import sys; sys.path.insert(0, " + repr(str(ROOT)) + ")\n"
         "import kernels, torch\n"  # the shadow copy first: it registers the ops
         "import r1reward.kernels as K, r1reward.kernels.torch_chunked as tc\n"
         "assert kernels.torch_chunked is not tc\n"
@@ -168,7 +172,7 @@ def test_double_import_as_top_level_kernels_keeps_ops_working():
         "ref, _ = K.fused_stable_reinforce_loss(h, w, y, torch.zeros(1, 6) - 2.2, torch.ones(1), m,"
         " backend='reference')\n"
         "assert calls and torch.allclose(loss, ref), (calls, loss, ref)\n"
-        "print('ok')\n") % str(ROOT)
+        "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

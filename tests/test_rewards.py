@@ -10,9 +10,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from r1reward.rewards import (JudgeSample, LocalJudge, OpenAIJudge, RuleJudge, analysis_tail, compute_rewards,
-                              format_reward, parse_answer, parse_verdict, result_reward,
-                              sentence_vote)
+from r1reward.rewards import (
+    JudgeSample,
+    LocalJudge,
+    OpenAIJudge,
+    RuleJudge,
+    analysis_tail,
+    compute_rewards,
+    format_reward,
+    parse_answer,
+    parse_verdict,
+    result_reward,
+    sentence_vote,
+)
 
 GOOD = "<think>Response 2 names the right colour.</think><answer>2</answer>"
 

@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
+from test_judge import ScriptedJudge, scripted_p1
 
 from r1reward import serve as S
-from test_judge import ScriptedJudge, scripted_p1
 
 
 class SlowScriptedJudge(ScriptedJudge):
@@ -128,7 +128,7 @@ def test_burst_of_concurrent_clients_is_batched(server):
     with ThreadPoolExecutor(32) as ex:
         results = list(ex.map(client, range(64)))
     assert all(st == 200 for st, _, _ in results)
-    for st, out, want in results:
+    for _, out, want in results:
         assert out["score"] == pytest.approx(want, abs=1e-9)
     assert sum(srv.batcher.batch_sizes) == 64
     assert max(srv.batcher.batch_sizes) > 1  # concurrent requests shared model calls
@@ -142,7 +142,7 @@ def test_tiny_model_served_over_http(tiny_dir, tmp_path):
     Image.new("RGB", (112, 112), (220, 30, 30)).save(tmp_path / "red.png")
     srv = S.make_server(judge, "127.0.0.1", 0, str(tmp_path))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = "http://%s:%d" % srv.server_address[:2]
+    url = "http://{}:{}".format(*srv.server_address[:2])
     try:
         body = {"question": "What colour is the shape?", "response_1": "Red.", "response_2": "Blue."}
         with ThreadPoolExecutor(3) as ex:
@@ -150,7 +150,7 @@ def test_tiny_model_served_over_http(tiny_dir, tmp_path):
                                   ["red.png", _png_b64((112, 112)), "red.png"]))
         assert all(st == 200 for st, _ in answers)
         want = judge.judge(tmp_path / "red.png", body["question"], "Red.", "Blue.")
-        for st, out in (answers[0], answers[2]):
+        for _, out in (answers[0], answers[2]):
             assert out["verdict"] == want.verdict and out["votes"] == want.votes
             assert out["score"] == pytest.approx(want.score, abs=1e-4)
         st, out = _call(url, "/get_reward", {"query": ["Q Red."], "prompts": ["Q"], "images": ["red.png"]})

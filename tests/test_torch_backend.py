@@ -9,9 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1reward.kernels import (LossSettings, fused_stable_reinforce_loss, stable_reinforce_loss,
-                              token_logprobs)
-from r1reward.kernels import reference
+from r1reward.kernels import (
+    LossSettings,
+    fused_stable_reinforce_loss,
+    reference,
+    stable_reinforce_loss,
+    token_logprobs,
+)
 from r1reward.kernels import torch_chunked as tc
 from r1reward.kernels.loss_math import broadcast_advantages, loss_and_grad, token_weights
 
@@ -104,8 +108,9 @@ def loss_inputs(h, w, y, mask, g, *, bias=None, temperature=1.0, per_token_adv=T
 
 
 def oracle_fused(h, w, y, old, adv, mask, *, ref=None, bias=None, temperature=1.0,
-                 settings=LossSettings()):
+                 settings=None):
     """float64 loss, lp, entropy and (∂h, ∂W[, ∂b]) from the full-logits oracle."""
+    settings = settings or LossSettings()
     H = h.shape[-1]
     h64, w64, b64 = leaf(h.double(), w.double(), None if bias is None else bias.double())
     tw = token_weights(mask, settings.aggregation).double().reshape(-1)

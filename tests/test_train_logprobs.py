@@ -3,10 +3,10 @@ import math
 
 import pytest
 import torch
+from test_train_utils import full_logits_logprobs, seq_batch, tiny_vlm
 
 from r1reward.kernels import stable_reinforce_loss
 from r1reward.logprobs import FusedLMHead, policy_loss, sequence_logprobs
-from test_train_utils import full_logits_logprobs, seq_batch, tiny_vlm
 
 
 @pytest.fixture(scope="module")
