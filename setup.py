@@ -35,6 +35,7 @@ setup(
         "gpu": ["triton>=3.1", "nvidia-ml-py", "flash-attn"],
         "bench": ["liger-kernel", "cut-cross-entropy"],
         # The tests also check the benchmark peers compute the same loss, and build the wheel.
-        "test": ["pytest", "ruff>=0.6", "triton>=3.1", "setuptools>=70.1", "liger-kernel", "cut-cross-entropy"],
+        "test": ["pytest", "ruff>=0.6", "triton>=3.1", "setuptools>=70.1", "liger-kernel",
+                 "cut-cross-entropy"],
     },
 )

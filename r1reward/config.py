@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -91,6 +92,10 @@ class AlgoConfig:
     clip_eps: float = 0.2
     aggregation: str = "seq-mean-token-mean"
     ppo_epochs: int = 1
+    # Prompts per optimizer step: the rollout batch is split into mini-batches of this
+    # many prompts, one optimizer step each (all but the first off-policy); 0 = the whole
+    # rollout batch in one step.
+    train_batch_size: int = 0
     micro_batch_size: int = 16
     backend: str = "auto"  # r1reward.kernels backend
 
@@ -144,6 +149,7 @@ class EvalConfig:
 
 @dataclass
 class JobConfig:
+    preset: str = "tiny"  # tiny | release: the values a run starts from (see PRESETS)
     output: str | None = None  # run dir; None = runs/<timestamp>
     steps: int = 100
     seed: int = 0
@@ -163,40 +169,7 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> JobConfig:
-        checks = [
-            (self.steps >= 0, "steps must be >= 0"),
-            (self.rollout.batch_size >= 1, "rollout.batch_size must be >= 1"),
-            (self.rollout.n_samples >= 1, "rollout.n_samples must be >= 1"),
-            (self.rollout.temperature > 0, "rollout.temperature must be > 0"),
-            (0 < self.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
-            (self.algo.estimator in ("reinforce_pp", "grpo", "rloo"),
-             f"algo.estimator must be reinforce_pp|grpo|rloo, got {self.algo.estimator!r}"),
-            (self.algo.estimator == "reinforce_pp" or self.rollout.n_samples > 1,
-             f"algo.estimator={self.algo.estimator} needs rollout.n_samples > 1"),
-            (self.algo.adv_filter in ("zscore", "release", "off"),
-             f"algo.adv_filter must be zscore|release|off, got {self.algo.adv_filter!r}"),
-            (0 < self.algo.preclip_lo < 1 < self.algo.preclip_hi,
-             "algo.preclip_lo must be in (0, 1) and algo.preclip_hi > 1"),
-            (self.algo.micro_batch_size >= 1, "algo.micro_batch_size must be >= 1"),
-            (self.algo.ppo_epochs >= 1, "algo.ppo_epochs must be >= 1"),
-            (self.reward.judge in ("rule", "openai", "local", "none"),
-             f"reward.judge must be rule|openai|local|none, got {self.reward.judge!r}"),
-            (self.optim.name in ("adamw", "adamw8bit"),
-             f"optim.name must be adamw|adamw8bit, got {self.optim.name!r}"),
-            (self.optim.lr > 0, "optim.lr must be > 0"),
-            (bool(self.data.kinds.strip()) and all(
-                k.strip() in ("color", "shape", "count", "position")
-                for k in self.data.kinds.split(",") if k.strip()),
-             f"data.kinds must be a comma-separated subset of color,shape,count,position, "
-             f"got {self.data.kinds!r}"),
-            (self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
-            (self.model.dtype in ("auto", "float32", "bfloat16", "float16"),
-             f"model.dtype must be auto|float32|bfloat16|float16, got {self.model.dtype!r}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"bad config: {msg}")
-        return self
+        return validate(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -246,7 +219,12 @@ def _fields(prefix: str, cls):
 def build_parser(prog: str = "python -m r1reward.train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="StableReinforce trainer (R1-Reward).")
     inverse = {v: k for k, v in ALIASES.items()}
+    p.add_argument("--preset", choices=tuple(PRESETS), default=argparse.SUPPRESS,
+                   help="values to start from: tiny (embedded default) or release (the "
+                        "authors' train.sh); default tiny, or release when --model is given")
     for dotted, f, default in _fields("", JobConfig):
+        if dotted == "preset":
+            continue
         base, is_bool = _arg_type(f.type)
         names = [f"--{dotted}"] + ([inverse[dotted]] if dotted in inverse else [])
         kw = dict(dest=dotted, default=argparse.SUPPRESS, help=f"(default: {default})")
@@ -264,16 +242,167 @@ def _none_or(base):
     return conv
 
 
-def parse_args(argv: list[str] | None = None) -> JobConfig:
-    ns = vars(build_parser().parse_args(argv))
-    cfg = JobConfig()
-    for dotted, value in ns.items():
-        *path, name = dotted.split(".")
-        obj = cfg
-        for part in path:
-            obj = getattr(obj, part)
-        setattr(obj, name, value)
-    return cfg.validate()
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the flag and what is allowed."""
+
+
+# Values each preset sets on top of the dataclass defaults (which are the tiny values).
+PRESETS: dict[str, dict[str, object]] = {
+    # The embedded default: tiny Qwen2.5-VL, generated data, CPU, minutes.
+    "tiny": {},
+    # The R1-Reward authors' scripts/train.sh (SPEC §3) for a real Qwen2.5-VL checkpoint;
+    # the cold start is a separate `python -m r1reward.sft --data` run on long-CoT data.
+    "release": {
+        "optim.lr": 3e-7, "algo.kl_coef": 1e-3, "algo.kl_estimator": "k1",
+        "algo.adv_filter": "release", "rollout.batch_size": 256, "algo.train_batch_size": 128,
+        "algo.micro_batch_size": 2, "rollout.n_samples": 1, "rollout.temperature": 1.0,
+        "rollout.max_new_tokens": 1024, "algo.ppo_epochs": 1, "model.dtype": "bfloat16",
+        "parallel.ac": True, "eval.max_new_tokens": 4096, "eval.batch_size": 8,
+        "sft.enabled": False, "sft.lr": 1e-5, "sft.guess_rate": 0.0,
+    },
+}
+
+
+def validate(cfg: JobConfig) -> JobConfig:
+    """Refuse every setting that cannot work, before any work starts (ConfigError)."""
+    from r1reward import registry as R
+
+    def need(ok: bool, flag: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"--{flag}: {msg}")
+
+    def choice(flag: str, value, reg: R.Registry) -> None:
+        need(value in reg, flag, f"{value!r} is not a known {reg.kind}; "
+                                 f"choose from {'|'.join(reg.names())}")
+
+    def path(flag: str, value, *, is_dir: bool = False, inside: str | None = None) -> None:
+        if value is None:
+            return
+        p = Path(value)
+        ok = p.is_dir() if is_dir else p.is_file()
+        if ok and inside:
+            ok = (p / inside).is_file()
+        what = f"a directory with {inside}" if inside else ("a directory" if is_dir else "a file")
+        need(ok, flag, f"{value} is not {what}")
+
+    a, r, ro, o, e, h, s, dt = (cfg.algo, cfg.reward, cfg.rollout, cfg.optim, cfg.eval,
+                                cfg.health, cfg.sft, cfg.data)
+    need(cfg.preset in PRESETS, "preset", f"{cfg.preset!r}; choose from {'|'.join(PRESETS)}")
+    need(cfg.steps >= 0, "steps", "must be >= 0")
+    need(cfg.stop_after >= 0, "stop_after", "must be >= 0")
+    # algorithm
+    choice("algo.estimator", a.estimator, R.ADVANTAGE_ESTIMATORS)
+    choice("algo.adv_filter", a.adv_filter, R.ADVANTAGE_FILTERS)
+    choice("algo.kl_estimator", a.kl_estimator, R.KL_ESTIMATOR_NAMES)
+    choice("algo.aggregation", a.aggregation, R.AGGREGATION_MODES)
+    choice("algo.backend", a.backend, R.KERNEL_BACKENDS)
+    need(a.estimator not in R.GROUP_ESTIMATORS or ro.n_samples > 1, "algo.estimator",
+         f"{a.estimator} compares samples of one prompt: it needs --rollout.n_samples > 1")
+    need(a.adv_filter not in R.FILTERS_NEEDING_RAW_MEAN or a.estimator == "reinforce_pp",
+         "algo.adv_filter", f"{a.adv_filter} needs --algo.estimator reinforce_pp "
+                            "(it uses the returns' mean before normalization)")
+    need(a.filter_k > 0, "algo.filter_k", "must be > 0")
+    need(0 < a.preclip_lo < 1, "algo.preclip_lo", "must be in (0, 1)")
+    need(a.preclip_hi > 1, "algo.preclip_hi", "must be > 1")
+    need(0 <= a.clip_eps < 1, "algo.clip_eps", "must be in [0, 1)")
+    need(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0")
+    need(a.ppo_epochs >= 1, "algo.ppo_epochs", "must be >= 1")
+    need(a.micro_batch_size >= 1, "algo.micro_batch_size", "must be >= 1")
+    need(a.train_batch_size >= 0, "algo.train_batch_size", "must be >= 0 (0 = the rollout batch)")
+    need(a.train_batch_size == 0 or ro.batch_size % a.train_batch_size == 0,
+         "algo.train_batch_size", f"{a.train_batch_size} must divide --rollout.batch_size "
+                                  f"{ro.batch_size}")
+    # rollout
+    need(ro.batch_size >= 1, "rollout.batch_size", "must be >= 1")
+    need(ro.n_samples >= 1, "rollout.n_samples", "must be >= 1")
+    need(ro.temperature > 0, "rollout.temperature", "must be > 0")
+    need(0 < ro.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    need(ro.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    # reward
+    choice("reward.judge", r.judge, R.CONSISTENCY_JUDGES)
+    need(r.judge != "local" or bool(r.local_model), "reward.local_model",
+         "--reward.judge local needs --reward.local_model DIR")
+    path("reward.local_model", r.local_model if r.judge == "local" else None, is_dir=True,
+         inside="config.json")
+    need(r.w_format >= 0 and r.w_consistency >= 0, "reward.w_format/w_consistency", "must be >= 0")
+    # optimizer
+    need(o.name in ("adamw", "adamw8bit"), "optim.name", f"{o.name!r}; choose from adamw|adamw8bit")
+    need(o.lr > 0, "optim.lr", "must be > 0")
+    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    need(o.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 = no clipping)")
+    # cold start, data, model
+    need(s.steps >= 0 and s.batch_size >= 1 and s.lr > 0, "sft.steps/batch_size/lr",
+         "need steps >= 0, batch_size >= 1, lr > 0")
+    need(0 <= s.guess_rate <= 1, "sft.guess_rate", "must be in [0, 1]")
+    need(s.n_examples >= 0, "sft.n_examples", "must be >= 0 (0 = every training pair)")
+    path("sft.data", s.data)
+    need(dt.n_train >= 1 and dt.n_heldout >= 0, "data.n_train/n_heldout",
+         "need n_train >= 1, n_heldout >= 0")
+    kinds = [k.strip() for k in dt.kinds.split(",") if k.strip()]
+    need(bool(kinds) and all(k in ("color", "shape", "count", "position") for k in kinds),
+         "data.kinds", f"{dt.kinds!r}: a comma-separated subset of color,shape,count,position")
+    path("data", dt.train)
+    path("data.heldout", dt.heldout)
+    path("model", cfg.model.path, is_dir=True, inside="config.json")
+    need(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
+         f"{cfg.model.dtype!r}; choose from auto|float32|bfloat16|float16")
+    # checkpoints, health, eval
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    need(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
+    need(h.spike_factor > 1 and h.window >= 1 and h.min_history >= 1 and h.max_bad_steps >= 1,
+         "health.*", "need spike_factor > 1, window, min_history, max_bad_steps >= 1")
+    need(0 < h.lr_backoff <= 1, "health.lr_backoff", "must be in (0, 1]")
+    need(h.max_rollbacks >= 0, "health.max_rollbacks", "must be >= 0")
+    need(e.batch_size >= 1 and e.max_new_tokens >= 1, "eval.batch_size/max_new_tokens", "must be >= 1")
+    need(e.limit >= 0 and e.every >= 0, "eval.limit/every", "must be >= 0")
+    return cfg
+
+
+def _set(cfg: JobConfig, dotted: str, value) -> None:
+    *parents, name = dotted.split(".")
+    obj = cfg
+    for part in parents:
+        obj = getattr(obj, part)
+    if not hasattr(obj, name):
+        raise ConfigError(f"unknown setting {dotted!r}")
+    setattr(obj, name, value)
+
+
+def resolve(flags: dict[str, object]) -> tuple[JobConfig, str | None]:
+    """Defaults → preset → explicit flags. Returns (validated config, note for the user).
+
+    Without ``--preset``, a ``--model`` means a real checkpoint and gets ``release``: a 7B
+    model must never silently train with the tiny model's learning rate and lengths.
+    """
+    flags = dict(flags)
+    preset = flags.pop("preset", None)
+    note = None
+    if preset is None:
+        preset = "release" if flags.get("model.path") else "tiny"
+        if preset == "release":
+            note = ("--model without --preset: using the release preset (lr 3e-7, rollout 256 "
+                    "prompts in 2 mini-batches, temperature 1.0, 1024 new tokens, bf16); pass "
+                    "--preset tiny or explicit flags to change it")
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset: {preset!r}; choose from {'|'.join(PRESETS)}")
+    cfg = JobConfig(preset=preset)
+    for dotted, value in {**PRESETS[preset], **flags}.items():
+        _set(cfg, dotted, value)
+    return validate(cfg), note
+
+
+def parse_args(argv: list[str] | None = None, *, announce=None) -> JobConfig:
+    """Parse the trainer's command line into a validated config (ConfigError if bad).
+
+    ``announce`` (default: print to stderr) receives the note when a preset was chosen
+    for the user."""
+    cfg, note = resolve(vars(build_parser().parse_args(argv)))
+    if note:
+        (announce or (lambda m: print(m, file=sys.stderr, flush=True)))(note)
+    return cfg
 
 
 def default_output_dir() -> Path:

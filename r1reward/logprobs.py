@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from r1reward.kernels import fused_stable_reinforce_loss, token_logprobs
+from r1reward.kernels import StableReinforceLoss, token_logprobs
 
 
 @dataclass
@@ -109,19 +109,27 @@ def head_call(model: nn.Module, batch: SeqBatch, **request):
 
     ``logits_to_keep`` (a tensor of positions) makes HF slice the final hidden states to
     the R positions that predict response tokens before calling ``lm_head``; ``request``
-    (targets, old_logp, …) tells :class:`FusedLMHead` to return log-probs or the loss
-    there instead of logits. Going through ``model(...)`` rather than ``model.model``
-    keeps the FSDP2 root's hooks (lazy init, unsharding the embeddings) in play.
+    (targets, old_logp, …) is handed to :class:`FusedLMHead`'s forward as keyword
+    arguments by a forward pre-hook that lives only for this call, so the head returns
+    log-probs or the loss there instead of logits. Going through ``model(...)`` rather
+    than ``model.model`` keeps the FSDP2 root's hooks (lazy init, unsharding the
+    embeddings) in play.
     """
     p, r = batch.prompt_len, batch.response_ids.shape[1]
     keep = torch.arange(p - 1, p - 1 + r, device=batch.input_ids.device)
     head = model.lm_head
-    head._request = request
+    if not isinstance(head, FusedLMHead):
+        raise TypeError("head_call needs FusedLMHead.install(model) first")
+
+    def add_request(_module, args, kwargs):
+        return args, {**kwargs, **request}
+
+    handle = head.register_forward_pre_hook(add_request, with_kwargs=True)
     try:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     logits_to_keep=keep, use_cache=False, **batch.vision)
     finally:
-        head._request = None
+        handle.remove()
     return out.logits  # what FusedLMHead returned for the request
 
 
@@ -130,17 +138,19 @@ class FusedLMHead(nn.Linear):
 
     ``head(h)`` is the ordinary linear layer (HF generate). ``head(h, targets=...)`` returns
     per-token log-probs (and entropy). ``head(h, targets=..., old_logp=..., advantages=...,
-    mask=...)`` returns ``(loss, stats)`` from ``fused_stable_reinforce_loss``.
+    mask=...)`` returns ``(loss, stats)`` from the public :class:`StableReinforceLoss`
+    module it holds (one place maps settings to kernel arguments).
     """
 
-    loss_kwargs: dict = {}
-    backend: str = "auto"
-    temperature: float = 1.0
-    _request: dict | None = None  # set by head_call for the duration of one forward
+    loss_fn: StableReinforceLoss
 
     @classmethod
-    def install(cls, model: nn.Module, *, backend="auto", temperature=1.0, **loss_kwargs):
-        """Swap ``model.lm_head`` for a FusedLMHead sharing the same parameters."""
+    def install(cls, model: nn.Module, *, backend="auto", temperature=1.0,
+                loss: StableReinforceLoss | None = None, **loss_kwargs):
+        """Swap ``model.lm_head`` for a FusedLMHead sharing the same parameters.
+
+        The loss is ``loss`` or ``StableReinforceLoss(**loss_kwargs)``; ``backend`` and
+        ``temperature`` apply to both the log-prob and the loss paths."""
         old = model.lm_head
         if not isinstance(old, FusedLMHead):
             head = cls.__new__(cls)
@@ -149,25 +159,24 @@ class FusedLMHead(nn.Linear):
             head.weight = old.weight  # the same Parameter: ties and optimizer refs survive
             head.bias = old.bias
             model.lm_head = head
-        model.lm_head.backend = backend
-        model.lm_head.temperature = float(temperature)
-        model.lm_head.loss_kwargs = dict(loss_kwargs)
+        if loss is None:
+            loss = StableReinforceLoss(**loss_kwargs)
+        loss.backend, loss.temperature = backend, float(temperature)
+        # Not a submodule: state-dict keys and FSDP units stay those of a plain nn.Linear.
+        object.__setattr__(model.lm_head, "loss_fn", loss)
         return model.lm_head
 
     def forward(self, hidden, targets=None, *, old_logp=None, advantages=None, mask=None,
                 ref_logp=None, return_entropy=False):
-        if targets is None and self._request is not None:
-            return self.forward(hidden, **self._request)
         if targets is None:
             return F.linear(hidden, self.weight, self.bias)
+        fn = self.loss_fn
         if old_logp is None:
             return token_logprobs(hidden, self.weight, targets, bias=self.bias,
-                                  temperature=self.temperature, return_entropy=return_entropy,
-                                  backend=self.backend)
-        return fused_stable_reinforce_loss(
-            hidden, self.weight, targets, old_logp, advantages, mask, ref_logp=ref_logp,
-            bias=self.bias, temperature=self.temperature, return_entropy=return_entropy,
-            backend=self.backend, **self.loss_kwargs)
+                                  temperature=fn.temperature, return_entropy=return_entropy,
+                                  backend=fn.backend)
+        return fn.fused(hidden, self.weight, targets, old_logp, advantages, mask,
+                        ref_logp=ref_logp, bias=self.bias, return_entropy=return_entropy)
 
 
 def micro_batches(n: int, size: int) -> list[list[int]]:

@@ -92,7 +92,7 @@ def parallelize(model: nn.Module, *, fsdp: bool, compile: bool, ac: bool, device
 
 
 def apply_fsdp(model: nn.Module, device: torch.device) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -108,9 +108,9 @@ def apply_fsdp(model: nn.Module, device: torch.device) -> None:
     fully_shard(model, mp_policy=mp)
     # HF generate (transformers 5) encodes images *before* prefill by calling the vision
     # tower directly, outside the root's forward, where the root's own parameters (patch
-    # embed, merger) are still sharded. Make it pass pixel_values to the prefill forward
-    # instead, so every vision computation runs inside FSDP's forward hooks.
-    model._supports_mm_encoder_outputs = lambda: False
+    # embed, merger) would still be sharded. FSDP2's public hook for such methods makes
+    # generate itself run the root's pre-forward (lazy init, unshard) around all of it.
+    register_fsdp_forward_method(model, "generate")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

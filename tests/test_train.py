@@ -1,5 +1,6 @@
 """End to end on the embedded tiny VLM (tiny step counts): summary/metrics contract,
 exact resume, HF export reload, health rollback, bad input."""
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -84,7 +85,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
 def test_grad_spike_rolls_back_with_lower_lr(tmp_path, monkeypatch):
     # The first step's grad norm is 1, every later one 1e9 (a spike): step 2 is retried
     # from the step-1 checkpoint with a halved LR each time until max_rollbacks is hit.
-    import r1reward.train as train_mod
+    import r1reward.trainer as train_mod
     real, calls = train_mod.grad_norm_and_clip, []
 
     def fake(model, max_norm):
@@ -129,3 +130,40 @@ def test_bad_lines_are_skipped_and_counted(tmp_path, cache):
     with pytest.raises(ValueError, match="allbad.jsonl: no usable training pairs"):
         run(parse_args(tiny_args(tmp_path / "run2", "--data", str(allbad), "--steps", "1",
                                  "--no-sft.enabled", "--no-eval.enabled")))
+
+
+def test_minibatch_schedule_old_logprobs_once_and_off_policy_steps(tmp_path, monkeypatch):
+    # A rollout of 4 prompts trained in mini-batches of 2 for 2 epochs: 4 optimizer steps
+    # per RL step, old/ref log-probs computed once per rollout (2 forward-only passes), and
+    # every step after the first is off-policy, so ratios move away from 1.
+    import r1reward.trainer as trainer_mod
+    calls = {"logprobs": 0, "opt_steps": 0}
+    real_lp, real_step = trainer_mod.sequence_logprobs, torch.optim.AdamW.step
+
+    def counting_lp(*a, **k):
+        calls["logprobs"] += 1
+        return real_lp(*a, **k)
+
+    def counting_step(self, *a, **k):
+        calls["opt_steps"] += 1
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(trainer_mod, "sequence_logprobs", counting_lp)
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step)
+    # An untrained policy breaks the format, so every reward (and advantage) would be 0 and
+    # nothing would move: give alternate rollouts reward 1 so the updates have a direction.
+    real_rewards = trainer_mod.compute_rewards
+
+    def alternating(*a, **k):
+        rb = real_rewards(*a, **k)
+        return dataclasses.replace(rb, total=torch.arange(len(rb.total)).remainder(2).float())
+    monkeypatch.setattr(trainer_mod, "compute_rewards", alternating)
+    out = tmp_path / "run"
+    run(parse_args(tiny_args(out, "--steps", "2", "--algo.train_batch_size", "2",
+                             "--algo.ppo_epochs", "2", "--algo.micro_batch_size", "1",
+                             "--no-eval.enabled", "--no-checkpoint.export", "--no-sft.enabled",
+                             "--optim.lr", "1e-2",
+                             "--optim.warmup_steps", "0")))
+    r = rows(out)
+    assert [x["optimizer_steps"] for x in r] == [4, 4]
+    assert calls == {"logprobs": 4, "opt_steps": 8}  # 2 steps x (policy + ref); 2 x 4
+    assert max(x["ratio_max"] for x in r) > 1.0  # off-policy mini-batches moved the ratio

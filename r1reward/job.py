@@ -1,0 +1,140 @@
+"""Everything before the RL loop: process group, run directory, data, the embedded model,
+the cold start, then the :class:`~r1reward.trainer.Trainer`.
+
+Same code on one CPU and under ``torchrun`` with ``--fsdp`` (gloo on CPU, nccl on GPUs):
+rank 0 builds what is cached (data, tiny model, cold start) and the others wait.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from r1reward.config import ConfigError, JobConfig, default_output_dir
+from r1reward.data import load_pairs
+from r1reward.parallelize import Dist, barrier, init_distributed
+from r1reward.trainer import Progress, Trainer
+
+log = logging.getLogger("r1reward")
+
+
+def setup_logging(d: Dist) -> None:
+    """One logger for the package: rank 0 prints info to stderr, other ranks warnings."""
+    root = logging.getLogger("r1reward")
+    if not any(getattr(h, "_r1reward", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._r1reward = True
+        root.addHandler(handler)
+        root.propagate = False
+    root.setLevel(logging.INFO if d.is_main else logging.WARNING)
+
+
+def broadcast(d: Dist, obj):
+    """Rank 0's value of a picklable object, on every rank."""
+    if d.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_world(cfg: JobConfig, d: Dist) -> None:
+    """Settings that depend on the number of ranks (known only once the group is up)."""
+    if d.world > 1 and not cfg.parallel.fsdp:
+        raise ConfigError("several ranks need --fsdp (gradients are synchronized by FSDP2)")
+    tb = cfg.algo.train_batch_size or cfg.rollout.batch_size
+    for flag, n in (("rollout.batch_size", cfg.rollout.batch_size), ("algo.train_batch_size", tb)):
+        if n % d.world:
+            raise ConfigError(f"--{flag}: {n} must be divisible by the {d.world} ranks")
+
+
+def prepare_data(cfg: JobConfig, d: Dist, out: Path) -> tuple[list, list, dict]:
+    """(train pairs, held-out pairs, info). Bad lines are skipped, counted and listed."""
+    if cfg.data.train is None:
+        from r1reward.data import generated_split
+        kinds = tuple(k.strip() for k in cfg.data.kinds.split(",") if k.strip())
+        if d.is_main:
+            generated_split(cfg.data.n_train, cfg.data.n_heldout, cfg.data.gen_seed, kinds)
+        barrier()
+        train_file, heldout_file = generated_split(cfg.data.n_train, cfg.data.n_heldout,
+                                                   cfg.data.gen_seed, kinds)
+    else:
+        train_file, heldout_file = Path(cfg.data.train), cfg.data.heldout
+    train = load_pairs(train_file)
+    skipped = list(train.skipped)
+    if heldout_file is not None:
+        held = load_pairs(heldout_file)
+        skipped += held.skipped
+        train_pairs, held_pairs = train.pairs, held.pairs
+    else:  # real data without a held-out file: hold out the tail
+        n_h = min(cfg.data.n_heldout, len(train.pairs) // 10)
+        train_pairs, held_pairs = train.pairs[:len(train.pairs) - n_h], train.pairs[len(train.pairs) - n_h:]
+    if not train_pairs:
+        raise ValueError(f"{train_file}: no usable training pairs "
+                         f"({len(skipped)} lines skipped, first: {skipped[:3]})")
+    if d.is_main and skipped:
+        (out / "skipped_lines.txt").write_text("".join(f"{r}\n" for _, r in skipped))
+        log.warning("data: skipped %d bad lines (see %s)", len(skipped), out / "skipped_lines.txt")
+    info = {"train_file": str(train_file), "heldout_file": str(heldout_file),
+            "n_train": len(train_pairs), "n_heldout": len(held_pairs), "skipped": len(skipped)}
+    return train_pairs, held_pairs, info
+
+
+def base_model_dir(cfg: JobConfig, d: Dist) -> Path:
+    """``--model``, or the embedded tiny checkpoint (built once, by rank 0)."""
+    if cfg.model.path:
+        return Path(cfg.model.path)
+    from r1reward.tiny import default_model_dir
+    if d.is_main:
+        default_model_dir()
+    barrier()
+    return default_model_dir()
+
+
+def cold_start(cfg: JobConfig, d: Dist, base_dir: Path, train_pairs: list) -> tuple[Path, dict]:
+    """SFT before RL (cached by a hash of its inputs; rank 0 trains, the others wait)."""
+    if not (cfg.sft.enabled and cfg.sft.steps > 0):
+        return base_dir, {}
+    result = None
+    if d.is_main:
+        from r1reward import sft
+        if cfg.sft.data:
+            examples, _ = sft.load_sft_file(cfg.sft.data)
+            examples = examples[:cfg.sft.n_examples] if cfg.sft.n_examples > 0 else examples
+        else:
+            examples = sft.examples_for(train_pairs, cfg.sft, cfg.seed)
+        result = sft.cold_start(base_dir, examples, cfg.sft, seed=cfg.seed, log=log.info)
+    return broadcast(d, result)
+
+
+def run(cfg: JobConfig) -> dict | None:
+    """The whole job; returns the summary (None when stopped by ``--stop_after``)."""
+    d = init_distributed(cfg.parallel.fsdp)
+    setup_logging(d)
+    check_world(cfg, d)
+    out = Path(broadcast(d, str(cfg.output or default_output_dir())))
+    cfg.output = str(out)
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.json")
+    barrier()
+    seed_all(cfg.seed)
+    train_pairs, held_pairs, data_info = prepare_data(cfg, d, out)
+    base_dir = base_model_dir(cfg, d)
+    init_dir, sft_info = cold_start(cfg, d, base_dir, train_pairs)
+    seed_all(cfg.seed * 1000 + d.rank)  # rollouts differ per rank, reproducibly
+    trainer = Trainer(cfg, d, out, train_pairs, held_pairs, init_dir, Progress(sft=sft_info),
+                      data_info)
+    return trainer.run()
