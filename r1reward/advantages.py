@@ -11,8 +11,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-KL_ESTIMATORS = ("k1", "k3")
-FILTER_MODES = ("zscore", "release", "off")
+from r1reward.kernels.loss_math import KL_ESTIMATORS, kl_penalty
+
+# The names each setting accepts, for validating a config before anything runs.
+# KL_ESTIMATORS ("k1", "k2", "k3") is the kernels' list: the penalty in the reward and the
+# one in the loss are the same function.
+ESTIMATORS = ("reinforce_pp", "grpo", "rloo")
+ADV_FILTERS = ("zscore", "release", "off")
 
 
 @dataclass(frozen=True)
@@ -39,14 +44,12 @@ def _check_rewards(rewards: torch.Tensor) -> torch.Tensor:
 
 
 def kl_per_token(old_logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """KL(π_old ‖ π_ref) estimate per sampled token: k1 = log r, k3 = r⁻¹ - 1 + log r
-    with ``log r = old - ref`` (k3 is non-negative and lower-variance)."""
+    """KL(π_old ‖ π_ref) estimate per sampled token, in fp32: with ``log r = old - ref``,
+    k1 = log r, k2 = (log r)² / 2, k3 = r⁻¹ - 1 + log r (k2, k3 are non-negative and
+    lower-variance). The kernels' :func:`kl_penalty`, with the estimator checked."""
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
-    log_r = old_logp.float() - ref_logp.float()
-    if estimator == "k1":
-        return log_r
-    return torch.exp(-log_r) - 1.0 + log_r
+    return kl_penalty(old_logp.float(), ref_logp.float(), estimator)
 
 
 def last_token_rewards(rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -169,8 +172,8 @@ def advantage_filter(adv: torch.Tensor, mask: torch.Tensor, mode: str = "zscore"
     tokens (so they add nothing to the loss gradient), filtered_mask marks the valid
     tokens that were zeroed (``filtered_mask.sum() / mask.sum()`` = filtered_frac).
     """
-    if mode not in FILTER_MODES:
-        raise ValueError(f"advantage filter mode must be one of {FILTER_MODES}, got {mode!r}")
+    if mode not in ADV_FILTERS:
+        raise ValueError(f"advantage filter mode must be one of {ADV_FILTERS}, got {mode!r}")
     if adv.shape != mask.shape:
         raise ValueError(f"adv {tuple(adv.shape)} and mask {tuple(mask.shape)} must have the same shape")
     if k <= 0:
@@ -195,4 +198,4 @@ def advantage_filter(adv: torch.Tensor, mask: torch.Tensor, mode: str = "zscore"
 
 __all__ = ["NormStats", "kl_per_token", "last_token_rewards", "masked_normalize",
            "reinforce_pp_advantages", "grpo_advantages", "rloo_advantages", "advantage_filter",
-           "KL_ESTIMATORS", "FILTER_MODES"]
+           "KL_ESTIMATORS", "ESTIMATORS", "ADV_FILTERS"]

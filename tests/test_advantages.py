@@ -59,6 +59,27 @@ def test_reinforce_pp_normalized_by_hand():
     assert (st.mean.item(), st.std.item(), st.count.item()) == pytest.approx((0.57, std, 5.0))
 
 
+def test_kl_is_the_kernels_penalty_with_one_list_of_estimators():
+    from r1reward import advantages as A
+    from r1reward.kernels import loss_math
+
+    assert A.KL_ESTIMATORS is loss_math.KL_ESTIMATORS == ("k1", "k2", "k3")
+    for est in A.KL_ESTIMATORS:  # the reward's penalty is the loss's, on (old, ref)
+        torch.testing.assert_close(kl_per_token(OLD, REF, est), loss_math.kl_penalty(OLD, REF, est))
+    # k2 = (log r)^2 / 2 with log r = old - ref = 0.5
+    assert kl_per_token(torch.tensor([-1.0]), torch.tensor([-1.5]), "k2").item() == pytest.approx(0.125)
+    assert kl_per_token(OLD.half(), REF.half()).dtype == torch.float32
+    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+        kl_per_token(OLD, REF, "k4")
+    assert A.ESTIMATORS == ("reinforce_pp", "grpo", "rloo")
+    assert all(callable(getattr(A, f"{e}_advantages")) for e in A.ESTIMATORS)
+    assert A.ADV_FILTERS == ("zscore", "release", "off")
+    for mode in A.ADV_FILTERS:  # every listed filter runs; anything else is refused
+        advantage_filter(torch.zeros(2, 3), MASK, mode, raw_mean=0.0)
+    with pytest.raises(ValueError, match="zscore"):
+        advantage_filter(torch.zeros(2, 3), MASK, "clip")
+
+
 def test_kl_k3_by_hand_and_no_kl_path():
     # k3 with log r = old - ref = 0.5:  e^-0.5 - 1 + 0.5 = 0.6065307 - 0.5 = 0.1065307
     assert kl_per_token(torch.tensor([-1.0]), torch.tensor([-1.5]), "k3").item() == pytest.approx(0.1065307)
@@ -73,7 +94,7 @@ def test_kl_k3_by_hand_and_no_kl_path():
     with pytest.raises(ValueError, match="old_logp and ref_logp"):
         reinforce_pp_advantages(torch.tensor([1.0, 0.0]), MASK, kl_coef=0.1)
     with pytest.raises(ValueError, match="kl_estimator"):
-        reinforce_pp_advantages(torch.tensor([1.0, 0.0]), MASK, OLD, REF, kl_estimator="k2")
+        reinforce_pp_advantages(torch.tensor([1.0, 0.0]), MASK, OLD, REF, kl_estimator="k4")
     with pytest.raises(ValueError, match="rewards must be"):
         reinforce_pp_advantages(torch.ones(2, 1), MASK, kl_coef=0.0)
 
