@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from r1reward.cache import write_atomically
+
 CASES = ("random", "peaked")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OLD_LOGP_NOISE = 0.1  # std of (old_logp - logp): most ratios inside the 0.2 clip band
@@ -131,9 +133,6 @@ def _exact_logp(p: Problem, hidden, weight, targets, cache_dir):
         out[i:i + chunk] = z.gather(1, y[i:i + chunk, None]).squeeze(1) - torch.logsumexp(z, 1)
     lp = out.cpu()
     info = {"target_p_mean": float(lp.exp().mean()), "target_p_median": float(lp.exp().median())}
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save({"lp": lp, "info": info}, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees all or nothing
+    if path:  # atomic: a concurrent reader sees all or nothing
+        write_atomically(path, lambda tmp: torch.save({"lp": lp, "info": info}, tmp))
     return lp, info

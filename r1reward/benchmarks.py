@@ -17,6 +17,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .images import image_problems
+
 BENCHES = ("vl_reward_bench", "mm_rlhf_reward_bench", "multimodal_rewardbench")
 ORDERS = ("chosen_first", "chosen_second")
 VL_CATEGORIES = ("general", "hallucination", "reasoning")
@@ -118,6 +120,17 @@ def _str_fields(rec, names):
 
 
 def _load(path, image_root, fields, id_field, convert) -> BenchLoad:
+    out = _load_records(path, image_root, fields, id_field, convert)
+    # Decode every image now (r1reward.images.open_image): one the judge cannot take is
+    # skipped with its id here rather than failing a batch of the evaluation.
+    problem = image_problems(it.image for it in out.items if it.image)
+    bad = [it for it in out.items if it.image and problem[it.image]]
+    out.skipped += [(it.id, problem[it.image]) for it in bad]
+    out.items = [it for it in out.items if not (it.image and problem[it.image])]
+    return out
+
+
+def _load_records(path, image_root, fields, id_field, convert) -> BenchLoad:
     out, seen = BenchLoad([]), Counter()
     for n, rec, err in _read_jsonl(path):
         ref = f"line {n}"

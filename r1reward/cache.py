@@ -1,7 +1,8 @@
 """The on-disk cache (embedded tiny model, generated data, cold-start SFT results).
 
 Everything is built aside and renamed into place, so an interrupted build never leaves a
-half-written entry that a later run would take for a complete one.
+half-written entry that a later run would take for a complete one: directories with
+:func:`build_once`, single files with :func:`write_atomically`.
 """
 from __future__ import annotations
 
@@ -42,3 +43,19 @@ def build_once(final: Path, build: Callable[[Path], object], *, marker: str) -> 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then ``os.replace`` it onto
+    ``path``: a concurrent reader sees no file or a complete one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .cache import build_once, cache_root
+from .images import image_problems
 from .prompt import format_judge_prompt, parse_judge_prompt
 
 # ----------------------------------------------------------------------------- facts
@@ -287,6 +289,30 @@ def generate_dataset(out_dir, n_train: int, n_heldout: int, seed: int = 0,
     return paths[0], paths[1]
 
 
+def parse_kinds(kinds: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"color,shape"`` (the config's form) or a sequence -> a tuple of kind names."""
+    if isinstance(kinds, str):
+        kinds = kinds.split(",")
+    return tuple(k.strip() for k in kinds if k.strip())
+
+
+def generated_split(n_train: int, n_heldout: int, gen_seed: int = 0,
+                    kinds: str | tuple[str, ...] = DEFAULT_KINDS, *, cache: Path | None = None
+                    ) -> tuple[Path, Path]:
+    """``(train.jsonl, heldout.jsonl)`` of the generated data set, built once under
+    ``<cache>/data/gen-v<DATA_VERSION>-s<seed>-n<train>-h<heldout>-<kinds>`` and reused.
+
+    Safe to call from several processes at once (the build goes aside and is renamed);
+    under torchrun let one rank build it and the others wait at a barrier.
+    """
+    kinds = parse_kinds(kinds)
+    key = f"gen-v{DATA_VERSION}-s{gen_seed}-n{n_train}-h{n_heldout}-{'_'.join(kinds)}"
+    root = build_once((cache or cache_root()) / "data" / key,
+                      lambda tmp: generate_dataset(tmp, n_train, n_heldout, seed=gen_seed, kinds=kinds),
+                      marker="heldout.jsonl")  # generate_dataset writes it last
+    return root / "train.jsonl", root / "heldout.jsonl"
+
+
 # ----------------------------------------------------------------------------- loading
 @dataclass
 class LoadResult:
@@ -295,17 +321,6 @@ class LoadResult:
 
 
 _ANSWER_RE = re.compile(r"^\s*(?:<answer>\s*([12])\s*</answer>|([12]))\s*$")
-
-
-def load_image(path) -> Image.Image:
-    """Open an image as RGB (palette/alpha/grey images are converted)."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    except Exception as e:  # PIL raises several types for corrupt files
-        raise ValueError(f"image file unreadable: {path} ({type(e).__name__}: {e})") from None
 
 
 def _parse_record(rec, line_no: int, base: Path) -> PreferencePair:
@@ -347,11 +362,7 @@ def _parse_record(rec, line_no: int, base: Path) -> PreferencePair:
         img_path = base / img_path if (base / img_path).exists() or not img_path.exists() else img_path
     if not img_path.is_file():
         raise ValueError(f"field 'message': image file not found: {img_path}")
-    try:
-        with Image.open(img_path) as im:
-            im.verify()  # header/structure check; cheap, no full decode
-    except Exception as e:
-        raise ValueError(f"field 'message': image file unreadable: {img_path} ({type(e).__name__})") from None
+    # (whether the image decodes is checked by load_pairs, for all lines at once)
     if "answer" not in rec:
         raise ValueError("missing field 'answer'")
     ans = rec["answer"]
@@ -368,11 +379,16 @@ def _parse_record(rec, line_no: int, base: Path) -> PreferencePair:
 
 def load_pairs(path, *, strict: bool = False) -> LoadResult:
     """Read a release-format jsonl. Bad lines are skipped with a reason
-    ``"<file>:<line>: <field problem>"``; ``strict=True`` raises ValueError on the first."""
+    ``"<file>:<line>: <field problem>"``; ``strict=True`` raises ValueError on the first.
+
+    Every image is decoded once here (:func:`r1reward.images.open_image`, on a few
+    threads: Pillow decodes without the GIL), so a missing, truncated or unusable image
+    skips its line now instead of failing a later rollout or evaluation.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_pairs: data file not found: {path}")
-    pairs, skipped = [], []
+    parsed: list[tuple[int, PreferencePair | None, str | None]] = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -382,10 +398,19 @@ def load_pairs(path, *, strict: bool = False) -> LoadResult:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"line is not valid JSON ({e.msg} at char {e.pos})") from None
-                pairs.append(_parse_record(rec, line_no, path.parent))
+                parsed.append((line_no, _parse_record(rec, line_no, path.parent), None))
             except ValueError as e:
-                reason = f"{path}:{line_no}: {e}"
-                if strict:
-                    raise ValueError(reason) from None
-                skipped.append((line_no, reason))
+                parsed.append((line_no, None, str(e)))
+    problem = image_problems(p.image for _, p, _ in parsed if p is not None)
+    pairs, skipped = [], []
+    for line_no, pair, why in parsed:
+        if pair is not None and problem[pair.image] is not None:
+            why = f"field 'message': {problem[pair.image]}"
+        if why is None:
+            pairs.append(pair)
+            continue
+        reason = f"{path}:{line_no}: {why}"
+        if strict:
+            raise ValueError(reason)
+        skipped.append((line_no, reason))
     return LoadResult(pairs, skipped)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from . import benchmarks as B
 from .config import DataConfig
+from .data import generated_split, load_pairs
 
 PAIRS = "pairs"
 
@@ -33,14 +33,8 @@ def load_items(bench: str, data, images, n_heldout: int = 64, seed: int = 0, cac
         if data is None:
             raise SystemExit(f"--data is required for --bench {bench}")
         return B.load_bench(bench, data, images)
-    from .data import DATA_VERSION, generate_dataset, load_pairs
-    if data is None:  # the generated held-out split, built once per (version, seed, size, kinds)
-        kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())
-        base = Path(cache or os.environ.get("R1REWARD_CACHE", Path.home() / ".cache" / "r1reward"))
-        root = base / f"heldout-v{DATA_VERSION}-s{seed}-n{n_heldout}-{'_'.join(kind_list)}"
-        data = root / "heldout.jsonl"
-        if not data.is_file():
-            _, data = generate_dataset(root, 0, n_heldout, seed=seed, kinds=kind_list)
+    if data is None:  # the generated held-out split (it does not depend on the train size)
+        _, data = generated_split(0, n_heldout, seed, kinds, cache=cache)
     res = load_pairs(data)
     out = B.BenchLoad([], [(f"line {n}", why) for n, why in res.skipped])
     seen = {}

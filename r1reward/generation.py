@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import PreferencePair, load_image
+from .data import PreferencePair
+from .images import open_image
 from .prompt import build_messages
 
 END_OF_TURN = "<|im_end|>"
@@ -28,15 +29,6 @@ def prompt_texts(processor, pairs: list[PreferencePair]) -> list[str]:
         tokenize=False, add_generation_prompt=True) for p in pairs]
 
 
-def _as_image(image):
-    """A pair's image as a PIL RGB image: paths are opened, PIL images converted."""
-    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-        return load_image(image)
-    if hasattr(image, "convert"):
-        return image.convert("RGB")
-    raise TypeError(f"pair image must be a path or a PIL image, got {type(image).__name__}")
-
-
 def build_prompt_inputs(processor, pairs: list[PreferencePair], device="cpu"):
     """Tokenized chat prompts with their images, left-padded for generation.
 
@@ -52,7 +44,7 @@ def build_prompt_inputs(processor, pairs: list[PreferencePair], device="cpu"):
                          f"(ids without: {[p.id for p, h in zip(pairs, has_image) if not h]}); "
                          "batch them separately")
     processor.tokenizer.padding_side = "left"
-    images = [_as_image(p.image) for p in pairs] if all(has_image) else None
+    images = [open_image(p.image) for p in pairs] if all(has_image) else None
     return processor(text=prompt_texts(processor, pairs), images=images, padding=True,
                      return_tensors="pt").to(device)
 

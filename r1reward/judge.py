@@ -14,12 +14,11 @@ can script them.
 """
 from __future__ import annotations
 
-import io
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from .images import open_image
 from .rewards import parse_answer
 
 # A deliberately uninformative answer: score(response) without a reference is the
@@ -130,22 +129,9 @@ class Ranking:
 # ----------------------------------------------------------------------------- images
 
 def to_image(image):
-    """Paths, PIL images and encoded bytes all become an RGB PIL image (None stays)."""
-    if image is None:
-        return None
-    from PIL import Image
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        try:
-            with Image.open(io.BytesIO(bytes(image))) as im:
-                return im.convert("RGB")
-        except Exception as e:
-            raise ValueError(f"image bytes are not a readable image ({type(e).__name__}: {e})") from None
-    if isinstance(image, (str, Path)):
-        from .data import load_image
-        return load_image(image)
-    raise TypeError(f"image must be a path, PIL image or bytes, got {type(image).__name__}")
+    """Paths, PIL images and encoded bytes all become an RGB PIL image (None stays);
+    see :func:`r1reward.images.open_image`."""
+    return None if image is None else open_image(image)
 
 
 # ----------------------------------------------------------------------------- the judge

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from .images import ImageTooLarge, open_image
 from .judge import PairRequest
 
 _B64 = re.compile(r"^[A-Za-z0-9+/\s]+={0,2}\s*$")
@@ -109,7 +110,6 @@ class Batcher:
 
 def load_request_image(value, image_root, limits: Limits):
     """None, base64 / data URL, or a path under image_root -> PIL image (RGB)."""
-    from PIL import Image
     if value is None:
         return None
     if not isinstance(value, str) or not value:
@@ -138,14 +138,12 @@ def load_request_image(value, image_root, limits: Limits):
         if os.path.getsize(path) > limits.max_image_bytes:
             raise HTTPError(413, f"image larger than {limits.max_image_bytes} bytes: {value}")
         data = Path(path).read_bytes()
-    try:
-        im = Image.open(io.BytesIO(data))
-        w, h = im.size  # header only: a huge image is refused before it is decoded
-    except Exception:
-        raise HTTPError(400, "field 'image' is not a readable PNG/JPEG image") from None
-    if w * h > limits.max_image_pixels:
-        raise HTTPError(413, f"image is {w}x{h}, over the limit of {limits.max_image_pixels} pixels")
-    return im.convert("RGB")
+    try:  # the size is checked from the header: a huge image is refused before decoding
+        return open_image(data, name="request image", max_pixels=limits.max_image_pixels)
+    except ImageTooLarge as e:
+        raise HTTPError(413, str(e)) from None
+    except ValueError as e:
+        raise HTTPError(400, f"field 'image': {e}") from None
 
 
 def _field(body, name, kind=str, required=True, default=None):

@@ -14,22 +14,29 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
 
 import torch
 
+from r1reward.cache import build_once, cache_root
 from r1reward.config import SFTConfig
-from r1reward.data import PreferencePair, guessed_analysis, load_pairs, templated_analysis
+from r1reward.data import (
+    DEFAULT_KINDS,
+    PreferencePair,
+    generated_split,
+    guessed_analysis,
+    load_pairs,
+    templated_analysis,
+)
+from r1reward.export import export_hf
+from r1reward.generation import build_prompt_inputs
 from r1reward.logprobs import FusedLMHead, SeqBatch, build_seq_batch, sft_loss
+from r1reward.model import load_model_and_processor
+from r1reward.tiny import default_model_dir
 
 SFT_VERSION = 1  # bump when the recipe changes, so stale caches are not reused
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("R1REWARD_CACHE", Path.home() / ".cache" / "r1reward"))
 
 
 def templated_examples(pairs: list[PreferencePair], n: int, seed: int, guess_rate: float = 0.0,
@@ -102,7 +109,6 @@ def end_of_turn_id(tokenizer) -> int:
 
 def make_batch(processor, examples: list[tuple[PreferencePair, str]], device) -> SeqBatch:
     """Prompt (chat template, left-padded) + target tokens and end-of-turn (right-padded)."""
-    from r1reward.generation import build_prompt_inputs
     prompt = build_prompt_inputs(processor, [p for p, _ in examples], device)
     tok = processor.tokenizer
     eot = end_of_turn_id(tok)
@@ -175,8 +181,6 @@ def cold_start(model_dir, examples, cfg: SFTConfig, seed: int = 0, log=print,
                cache: Path | None = None) -> tuple[Path, dict]:
     """SFT ``model_dir`` on ``examples`` once; returns (HF dir of the result, info)."""
     log = log or (lambda msg: None)
-    from r1reward.model import load_model_and_processor
-    from r1reward.tiny import default_model_dir
     model_dir = Path(model_dir) if model_dir else default_model_dir()
     key = cache_key(model_dir, examples, cfg, seed)
     out = (cache or cache_root()) / "sft" / key
@@ -186,21 +190,21 @@ def cold_start(model_dir, examples, cfg: SFTConfig, seed: int = 0, log=print,
         info["cached"] = True
         log(f"cold-start SFT: reusing cached {out}")
         return out, info
-    t0 = time.time()
-    model, processor = load_model_and_processor(model_dir)
-    losses = train_sft(model, processor, examples, cfg, seed=seed, log=log)
-    from r1reward.export import export_hf
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    export_hf(model, processor, tmp)
-    info = {"key": key, "base_model": str(model_dir), "examples": len(examples),
-            "steps": cfg.steps, "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None, "seconds": time.time() - t0}
-    (tmp / "sft_info.json").write_text(json.dumps(info, indent=2))
-    if out.exists():  # another process finished first: keep theirs
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(out)  # atomic: a half-written cache is never picked up
+    info = {}
+
+    def build(tmp: Path) -> None:
+        t0 = time.time()
+        model, processor = load_model_and_processor(model_dir)
+        losses = train_sft(model, processor, examples, cfg, seed=seed, log=log)
+        export_hf(model, processor, tmp)
+        info.update(key=key, base_model=str(model_dir), examples=len(examples), steps=cfg.steps,
+                    first_loss=losses[0] if losses else None,
+                    final_loss=losses[-1] if losses else None, seconds=time.time() - t0)
+        (tmp / "sft_info.json").write_text(json.dumps(info, indent=2))  # written last: complete
+
+    build_once(out, build, marker="sft_info.json")
+    if not info:  # another process finished the same entry in the meantime
+        info.update(json.loads(info_file.read_text()))
     info["cached"] = False
     return out, info
 
@@ -232,11 +236,8 @@ def main(argv=None) -> None:
         if a.n_examples > 0:
             examples = examples[:a.n_examples]
     else:
-        from r1reward.data import generate_dataset
-        train_file, _ = generate_dataset(cache_root() / "data" / "default", 256, 64, seed=0)
+        train_file, _ = generated_split(256, 64, 0, DEFAULT_KINDS)
         examples = examples_for(load_pairs(train_file, strict=True).pairs, cfg, a.seed)
-    from r1reward.export import export_hf
-    from r1reward.model import load_model_and_processor
     model, processor = load_model_and_processor(a.model)
     losses = train_sft(model, processor, examples, cfg, seed=a.seed)
     export_hf(model, processor, a.output)

@@ -10,12 +10,11 @@ trainer, evaluation and server exercise the same code path they use for Qwen2.5-
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .cache import build_once, cache_root
 
 # Bump when anything below changes what gets written: old caches are then not reused.
 TINY_VERSION = "2"
@@ -51,23 +50,8 @@ MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112  # images become 2x2 .. 4x4 merged v
 def default_model_dir() -> Path:
     """The embedded tiny checkpoint, built once under ``$R1REWARD_CACHE`` (default
     ``~/.cache/r1reward``) and reused."""
-    root = Path(os.environ.get("R1REWARD_CACHE", Path.home() / ".cache" / "r1reward"))
-    out = root / f"tiny-qwen2.5-vl-v{TINY_VERSION}"
-    if not (out / "config.json").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        # Build aside and rename, so an interrupted build never leaves a half checkpoint
-        # that later runs would take for a complete one.
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
-        try:
-            build_tiny_checkpoint(tmp)
-            try:
-                tmp.rename(out)
-            except OSError:  # another process won the race: use its copy
-                if not (out / "config.json").exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return build_once(cache_root() / f"tiny-qwen2.5-vl-v{TINY_VERSION}", build_tiny_checkpoint,
+                      marker="config.json")
 
 
 def build_tokenizer():

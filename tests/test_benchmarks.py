@@ -108,9 +108,29 @@ def test_voting_at_k_any_at_k_and_none_votes():
     assert s["flip_rate"] is None  # no verdict in one order: neither a flip nor consistent
 
 
+def _png(path, size=(8, 8)):
+    from PIL import Image
+    Image.new("RGB", size, (10, 20, 30)).save(path, format="PNG")
+
+
+def test_images_the_judge_cannot_take_are_skipped_by_id(tmp_path):
+    _png(tmp_path / "ok.png")
+    _png(tmp_path / "strip.png", (4000, 10))
+    (tmp_path / "junk.png").write_bytes(b"x")
+    recs = [{"id": i, "prompt": "p", "chosen": "a", "rejected": "b", "image": f"{i}.png"}
+            for i in ("ok", "strip", "junk")]
+    path = tmp_path / "vl.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    load = B.load_vl_reward_bench(path, tmp_path)
+    assert [it.id for it in load.items] == ["ok"]
+    why = dict(load.skipped)
+    assert "strip.png is 4000x10: aspect ratio" in why["strip"]
+    assert "junk.png is not a readable image" in why["junk"]
+
+
 def test_mm_rlhf_acc_plus_and_categories(tmp_path):
     (tmp_path / "mcq").mkdir()
-    (tmp_path / "mcq" / "x.png").write_bytes(b"x")
+    _png(tmp_path / "mcq" / "x.png")
     recs = [
         {"id": "q1", "prompt": "p", "chosen": "a", "rejected": "b", "image": "mcq/x.png"},
         {"id": "q1", "prompt": "p", "chosen": "a", "rejected": "c", "image": "mcq/x.png"},
@@ -131,7 +151,7 @@ def test_mm_rlhf_acc_plus_and_categories(tmp_path):
 
 
 def test_multimodal_rewardbench_loader(tmp_path):
-    (tmp_path / "i.png").write_bytes(b"x")
+    _png(tmp_path / "i.png")
     base = {"Text": "q", "Image": "i.png", "Output1": "o1", "Output2": "o2"}
     recs = [dict(base, ID="pairs-1", Better="Output2", Category="safety"),
             dict(base, ID="tox-1", Better="Output1", Category="safety"),

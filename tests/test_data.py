@@ -66,7 +66,7 @@ def test_loader_reports_each_bad_line_by_field(tmp_path):
     assert "not valid JSON" in reasons[2]
     assert "'answer'" in reasons[3] and "'answer'" in reasons[4]
     assert "'message'" in reasons[5]
-    assert "not found" in reasons[6] and "unreadable" in reasons[7]
+    assert "not found" in reasons[6] and "broken.png is not a readable image" in reasons[7]
     with pytest.raises(ValueError, match=r"bad.jsonl:2"):
         load_pairs(tmp_path / "bad.jsonl", strict=True)
     with pytest.raises(FileNotFoundError, match="nothere"):

@@ -101,7 +101,8 @@ def test_cli_on_embedded_tiny_model(tiny_dir, tmp_path):
     assert all(len(r["votes"]) == 3 and all(0.0 <= p <= 1.0 for p in r["p1"]) for r in rows)
     assert set(s["by_k"]) == {"1", "3"} and 0.0 <= s["overall_accuracy"] <= 1.0
     from r1reward.data import DATA_VERSION
-    assert (tmp_path / "cache" / f"heldout-v{DATA_VERSION}-s0-n4-color_shape" / "heldout.jsonl").is_file()
+    key = f"gen-v{DATA_VERSION}-s0-n0-h4-color_shape"  # r1reward.data.generated_split's key
+    assert (tmp_path / "cache" / "data" / key / "heldout.jsonl").is_file()
     assert "overall accuracy" in proc.stdout
 
 
