@@ -18,6 +18,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .benchmarks import majority
 from .images import open_image
 from .rewards import parse_answer
 
@@ -61,11 +62,8 @@ class Judgment:
 
 
 # ----------------------------------------------------------------------------- voting
-
-def majority_vote(votes) -> int | None:
-    c = Counter(v for v in votes if v in (1, 2))
-    return None if c[1] == c[2] else (1 if c[1] > c[2] else 2)
-
+# Voting@K itself is r1reward.benchmarks.majority (the benchmarks' metric and the verdict
+# of a judgment are the same vote).
 
 def weighted_vote(votes, p1s) -> int | None:
     """Each vote counts with the probability the model gave the answer it wrote."""
@@ -290,7 +288,7 @@ class RewardJudge:
                 texts += b.texts
                 scores["swapped"] = 1.0 - sum(b.p1) / len(b.p1)
             score = sum(scores.values()) / len(scores)
-            mv = majority_vote(votes)
+            mv = majority(votes)
             out.append(Judgment(verdict=mv if mv is not None else (1 if score >= 0.5 else 2),
                                 score=score, votes=votes, analyses=texts, vote_verdict=mv,
                                 weighted_verdict=weighted_vote(votes, p1s), order_scores=scores,
