@@ -1,5 +1,9 @@
 """Final export in Hugging Face format (config + safetensors + processor), loadable with
 ``from_pretrained`` — also from an FSDP2-sharded policy (full state dict gathered on rank 0).
+
+The processor's ``processor_config.json`` includes the video processor's config also
+when it was built without one (r1reward.processor), so ``AutoModelForImageTextToText``
+and ``AutoProcessor`` (where torchvision is installed) load the export as they are.
 """
 from __future__ import annotations
 

@@ -15,9 +15,13 @@ from pathlib import Path
 import torch
 
 from .cache import build_once, cache_root
+from .data import vocabulary_corpus
+from .processor import image_processor_for, save_processor
+from .prompt import JUDGE_PROMPT
 
 # Bump when anything below changes what gets written: old caches are then not reused.
-TINY_VERSION = "2"
+# 3: processor_config.json carries the video processor's config (AutoProcessor loads it).
+TINY_VERSION = "3"
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -59,9 +63,6 @@ def build_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
-    from .data import vocabulary_corpus
-    from .prompt import JUDGE_PROMPT
-
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, show_progress=False,
@@ -99,8 +100,6 @@ def tiny_config(tok):
 def build_tiny_checkpoint(out_dir, seed: int = 0) -> Path:
     """Write a complete, ``from_pretrained``-loadable tiny Qwen2.5-VL directory."""
     from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from .model import image_processor_for, save_processor
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

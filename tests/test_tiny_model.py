@@ -76,3 +76,70 @@ def test_build_is_byte_deterministic_and_auto_classes_load(tmp_path):
     assert tok.decode(tok.encode(s + "<|im_end|>"), skip_special_tokens=True) == s
     ip = AutoImageProcessor.from_pretrained(a)
     assert (ip.size["shortest_edge"], ip.size["longest_edge"]) == (56 * 56, 112 * 112)
+
+
+def _has_torchvision() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def _check_standard_loaders(d):
+    """``d`` loads with the stock transformers Auto classes (what a user of an export, or of
+    the embedded checkpoint, would call)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    from r1reward.model import load_processor
+
+    model = AutoModelForImageTextToText.from_pretrained(d)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    # The video processor's config is where transformers' own lookup finds it (the nested
+    # entry Qwen2_5_VLProcessor.save_pretrained writes), at the image processor's settings.
+    saved = json.loads((d / "processor_config.json").read_text())
+    assert saved["processor_class"] == "Qwen2_5_VLProcessor"
+    video, _ = BaseVideoProcessor.get_video_processor_dict(str(d))
+    assert video == saved["video_processor"]
+    assert video["video_processor_type"] == "Qwen2VLVideoProcessor"
+    image = saved["image_processor"]
+    assert {k: v for k, v in video.items() if k != "video_processor_type"} == {
+        k: v for k, v in image.items() if k != "image_processor_type"}
+    if _has_torchvision():
+        proc = AutoProcessor.from_pretrained(d)
+        assert type(proc.video_processor).__name__ == "Qwen2VLVideoProcessor"
+        assert proc.video_processor.size == proc.image_processor.size
+    else:
+        # Without torchvision AutoProcessor cannot load a Qwen-VL processor at all in this
+        # transformers version: the processor requires a video processor and
+        # Qwen2VLVideoProcessor requires torchvision. It now gets as far as that (before
+        # the config was missing: "Can't load video processor"); r1reward.model's loader
+        # falls back to the same processor without video.
+        with pytest.raises(ImportError, match="Torchvision"):
+            AutoProcessor.from_pretrained(d)
+    proc = load_processor(d)
+    assert type(proc).__name__ == "Qwen2_5_VLProcessor" and proc.image_processor.size == {
+        "shortest_edge": image["size"]["shortest_edge"], "longest_edge": image["size"]["longest_edge"]}
+    return model
+
+
+def test_standard_transformers_loaders_read_the_checkpoint(tiny_dir):
+    _check_standard_loaders(tiny_dir)
+
+
+def test_export_loads_with_standard_transformers_loaders(tiny_dir, tmp_path):
+    from r1reward.export import export_hf
+
+    model, proc = load_model_and_processor(tiny_dir)
+    out = export_hf(model, proc, tmp_path / "export")
+    reloaded = _check_standard_loaders(out)
+    want = model.state_dict()
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
+def test_tiny_does_not_import_model():
+    """r1reward.tiny and r1reward.model share r1reward.processor instead of importing each
+    other (model -> tiny only)."""
+    import subprocess
+    import sys
+    code = "import sys, r1reward.tiny; assert 'r1reward.model' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
