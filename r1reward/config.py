@@ -124,6 +124,9 @@ class CheckpointConfig:
     interval: int = 10  # steps between DCP checkpoints (0 = only at the end)
     keep: int = 2
     resume: bool = False
+    # --resume keeps the saved config.json; settings that change what the run computes
+    # (seed, data, batch, lr, model, ...) may differ from it only with this flag.
+    allow_config_change: bool = False
     export: bool = True  # HF-format export of the final policy
 
 
@@ -156,6 +159,7 @@ class JobConfig:
     log_every: int = 1
     progress: bool = True
     stop_after: int = 0  # testing: stop after this step as if killed (0 = never)
+    overwrite: bool = False  # let a fresh run replace the run files already in --output
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -194,7 +198,7 @@ class JobConfig:
 ALIASES = {
     "--model": "model.path", "--data": "data.train", "--output": "output", "--steps": "steps",
     "--fsdp": "parallel.fsdp", "--compile": "parallel.compile", "--ac": "parallel.ac",
-    "--resume": "checkpoint.resume", "--seed": "seed",
+    "--resume": "checkpoint.resume", "--seed": "seed", "--overwrite": "overwrite",
 }
 
 
@@ -379,6 +383,7 @@ def resolve(flags: dict[str, object]) -> tuple[JobConfig, str | None]:
     """
     flags = dict(flags)
     preset = flags.pop("preset", None)
+    explicit_preset = preset is not None
     note = None
     if preset is None:
         preset = "release" if flags.get("model.path") else "tiny"
@@ -391,7 +396,49 @@ def resolve(flags: dict[str, object]) -> tuple[JobConfig, str | None]:
     cfg = JobConfig(preset=preset)
     for dotted, value in {**PRESETS[preset], **flags}.items():
         _set(cfg, dotted, value)
+    # What the user typed (not a dataclass field, so never saved): --resume compares these
+    # against the saved config.
+    cfg.explicit = frozenset(flags) | ({"preset"} if explicit_preset else frozenset())
     return validate(cfg), note
+
+
+# Settings that control this invocation rather than what the run computes: always taken
+# from the command line, never from a saved config.
+INVOCATION = frozenset({"output", "stop_after", "progress", "log_every", "overwrite",
+                        "checkpoint.resume", "checkpoint.allow_config_change"})
+# Settings a resumed run may change freely: length, checkpointing, evaluation (greedy, it
+# draws no random numbers), compile/AC (same math).
+RESUMABLE_CHANGES = ("steps", "checkpoint.", "eval.", "parallel.compile", "parallel.ac")
+
+
+def _get(cfg: JobConfig, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def merge_for_resume(cfg: JobConfig, saved: dict) -> tuple[JobConfig, list[str], list[str]]:
+    """The config a ``--resume`` continues with: the saved one, plus this command line's
+    invocation settings and the flags it was given explicitly. Returns (config, changed,
+    refused): ``refused`` lists run-altering changes, applied only with
+    ``--checkpoint.allow_config_change`` (otherwise the caller refuses to start)."""
+    out = JobConfig.from_dict(saved)
+    explicit = getattr(cfg, "explicit", frozenset())
+    changed, refused = [], []
+    for dotted in sorted(explicit | INVOCATION):
+        new, old = _get(cfg, dotted), _get(out, dotted)
+        if new == old:
+            continue
+        if dotted not in INVOCATION:
+            note = f"--{dotted} {old!r} -> {new!r}"
+            ok = dotted.startswith(RESUMABLE_CHANGES) or cfg.checkpoint.allow_config_change
+            (changed if ok else refused).append(note)
+            if not ok:
+                continue
+        _set(out, dotted, new)
+    out.explicit = explicit
+    return validate(out), changed, refused
 
 
 def parse_args(argv: list[str] | None = None, *, announce=None) -> JobConfig:

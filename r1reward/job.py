@@ -6,8 +6,10 @@ rank 0 builds what is cached (data, tiny model, cold start) and the others wait.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from r1reward.config import ConfigError, JobConfig, default_output_dir
+from r1reward.config import ConfigError, JobConfig, default_output_dir, merge_for_resume
 from r1reward.data import load_pairs
 from r1reward.parallelize import Dist, barrier, init_distributed
 from r1reward.trainer import Progress, Trainer
@@ -58,6 +60,46 @@ def check_world(cfg: JobConfig, d: Dist) -> None:
     for flag, n in (("rollout.batch_size", cfg.rollout.batch_size), ("algo.train_batch_size", tb)):
         if n % d.world:
             raise ConfigError(f"--{flag}: {n} must be divisible by the {d.world} ranks")
+
+
+# What a run writes into its directory (``--overwrite`` removes exactly these).
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "skipped_lines.txt",
+             "tb", "checkpoints", "export")
+
+
+def prepare_output(cfg: JobConfig, out: Path) -> JobConfig:
+    """Check the run directory against the request; returns the config to run with.
+
+    A fresh run never writes into another run's directory (``--overwrite`` to replace it);
+    ``--resume`` continues with the saved config.json and refuses run-altering changes."""
+    saved = out / "config.json"
+    if cfg.checkpoint.resume:
+        if not saved.exists():
+            log.info("--resume: %s has no config.json, starting a fresh run there", out)
+            return cfg
+        merged, changed, refused = merge_for_resume(cfg, json.loads(saved.read_text()))
+        if refused:
+            raise ConfigError(
+                f"--resume: {saved} was written with other values for settings that change "
+                f"what the run computes: {'; '.join(refused)}. Drop those flags to continue "
+                "the saved run, or pass --checkpoint.allow_config_change to change them")
+        log.info("--resume: continuing with the saved %s%s", saved,
+                 f"; changed: {'; '.join(changed)}" if changed else " unchanged")
+        return merged
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if existing and not cfg.overwrite:
+        raise ConfigError(f"--output: {out} already holds files ({', '.join(existing[:5])}"
+                          f"{', ...' if len(existing) > 5 else ''}); pass --resume to continue "
+                          "that run, --overwrite to replace it, or another --output")
+    if existing:
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        log.info("--overwrite: removed the previous run's files from %s", out)
+    return cfg
 
 
 def prepare_data(cfg: JobConfig, d: Dist, out: Path) -> tuple[list, list, dict]:
@@ -126,10 +168,18 @@ def run(cfg: JobConfig) -> dict | None:
     check_world(cfg, d)
     out = Path(broadcast(d, str(cfg.output or default_output_dir())))
     cfg.output = str(out)
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.json")
-    barrier()
+    outcome = None
+    if d.is_main:  # one rank decides, so every rank agrees even while files appear
+        try:
+            outcome = prepare_output(cfg, out).to_dict()
+            out.mkdir(parents=True, exist_ok=True)
+            JobConfig.from_dict(outcome).save(out / "config.json")
+        except ConfigError as err:
+            outcome = err
+    outcome = broadcast(d, outcome)
+    if isinstance(outcome, ConfigError):
+        raise outcome
+    cfg = JobConfig.from_dict(outcome)
     seed_all(cfg.seed)
     train_pairs, held_pairs, data_info = prepare_data(cfg, d, out)
     base_dir = base_model_dir(cfg, d)

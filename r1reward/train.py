@@ -23,6 +23,9 @@ def main(argv=None) -> None:
         raise SystemExit(2) from None
     try:
         run(cfg)
+    except ConfigError as err:  # settings that conflict with the run directory
+        print(f"python -m r1reward.train: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         from r1reward.parallelize import destroy
         destroy()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from r1reward import registry, rollout
-from r1reward.checkpoint import Checkpointer
+from r1reward.checkpoint import Checkpointer, CorruptCheckpoint
 from r1reward.config import JobConfig
 from r1reward.health import HealthMonitor
 from r1reward.kernels import StableReinforceLoss
@@ -244,14 +244,24 @@ class Trainer:
         """Model, optimizer, RNG and every state piece from ``path`` (except ``keep``)."""
         self.load_state_dict(self.ckpt.load(path, self.policy, self.optimizer), keep=keep)
 
+    def restore_latest(self, *, keep: tuple[str, ...] = ()) -> Path | None:
+        """Restore the newest checkpoint that loads; a corrupt one is named and skipped in
+        favour of the one before it. None when there is none."""
+        for path in reversed(self.ckpt.complete()):
+            try:
+                self.restore(path, keep=keep)
+                return path
+            except CorruptCheckpoint as err:
+                log.warning("checkpoint %s rejected: %s; trying the previous one", path, err)
+        return None
+
     def resume(self) -> None:
-        latest = self.ckpt.latest()
-        if latest is None:
-            log.info("--resume: no complete checkpoint under %s, starting fresh", self.ckpt.root)
+        path = self.restore_latest()
+        if path is None:
+            log.info("--resume: no usable checkpoint under %s, starting fresh", self.ckpt.root)
             return
-        self.restore(latest)
         self.metrics.truncate_after(self.progress.step)
-        log.info("resumed from %s at step %d", latest, self.progress.step)
+        log.info("resumed from %s at step %d", path, self.progress.step)
 
     # ---------------------------------------------------------------- the run
     def run(self) -> dict | None:
@@ -456,11 +466,9 @@ class Trainer:
     def rollback(self, decision, step: int) -> None:
         """Back to the latest checkpoint with a lower learning rate."""
         self.recovery.lr_scale *= self.cfg.health.lr_backoff
-        latest = self.ckpt.latest()
-        log.warning("step %d: %s; rolling back to %s with lr x%g", step, decision, latest,
+        path = self.restore_latest(keep=("recovery",))
+        log.warning("step %d: %s; rolled back to %s with lr x%g", step, decision, path,
                     self.recovery.lr_scale)
-        if latest is not None:
-            self.restore(latest, keep=("recovery",))
         if self.bar is not None:
             self.bar.n = self.progress.step
             self.bar.refresh()

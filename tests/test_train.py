@@ -167,3 +167,52 @@ def test_minibatch_schedule_old_logprobs_once_and_off_policy_steps(tmp_path, mon
     assert [x["optimizer_steps"] for x in r] == [4, 4]
     assert calls == {"logprobs": 4, "opt_steps": 8}  # 2 steps x (policy + ref); 2 x 4
     assert max(x["ratio_max"] for x in r) > 1.0  # off-policy mini-batches moved the ratio
+
+
+QUICK = ("--no-eval.enabled", "--no-checkpoint.export", "--no-sft.enabled", "--checkpoint.interval", "1")
+
+
+def test_fresh_run_never_writes_into_another_runs_directory(tmp_path):
+    from r1reward.config import ConfigError
+    out = tmp_path / "run"
+    run(parse_args(tiny_args(out, "--steps", "1", *QUICK)))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="already holds files.*--resume.*--overwrite"):
+        run(parse_args(tiny_args(out, "--steps", "2", *QUICK)))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
+    run(parse_args(tiny_args(out, "--steps", "2", "--overwrite", *QUICK)))
+    assert [x["step"] for x in rows(out)] == [1, 2]  # not appended to the old run's rows
+
+
+def test_resume_keeps_saved_config_and_refuses_run_altering_changes(tmp_path):
+    from r1reward.config import ConfigError
+    out = tmp_path / "run"
+    run(parse_args(tiny_args(out, "--steps", "2", "--optim.lr", "1e-3", *QUICK)))
+    saved = (out / "config.json").read_text()
+    for flags, name in ((("--seed", "5"), "--seed"), (("--optim.lr", "0.01"), "--optim.lr"),
+                        (("--rollout.batch_size", "2"), "--rollout.batch_size")):
+        with pytest.raises(ConfigError, match=f"{name}.*allow_config_change"):
+            run(parse_args(tiny_args(out, "--steps", "3", "--resume", "--optim.lr", "1e-3",
+                                     *QUICK, *flags)))
+        assert (out / "config.json").read_text() == saved
+    # Not repeating the original flags keeps the saved values; more steps is allowed.
+    run(parse_args(["--output", str(out), "--resume", "--steps", "3", "--no-progress"]))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["optim"]["lr"] == 1e-3 and cfg["rollout"]["batch_size"] == 4 and cfg["steps"] == 3
+    assert [x["step"] for x in rows(out)] == [1, 2, 3]
+    run(parse_args(tiny_args(out, "--steps", "4", "--resume", "--seed", "5",
+                             "--checkpoint.allow_config_change", *QUICK)))
+    assert json.loads((out / "config.json").read_text())["seed"] == 5
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    out = tmp_path / "run"
+    run(parse_args(tiny_args(out, "--steps", "3", *QUICK)))
+    shard = next((out / "checkpoints" / "step_000003").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a few flipped bytes in the weights
+    shard.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="r1reward"):
+        run(parse_args(tiny_args(out, "--steps", "3", "--resume", *QUICK)))
+    assert any(shard.name in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records)
+    assert [x["step"] for x in rows(out)] == [1, 2, 3]  # step 3 redone from the step-2 checkpoint
