@@ -7,6 +7,25 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Action(Enum):
+    OK = "ok"              # apply the update
+    SKIP = "skip"          # drop this update, keep going
+    ROLLBACK = "rollback"  # too many bad steps in a row: back to the last checkpoint
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What :meth:`HealthMonitor.check` decided. ``str()`` gives the form logged in
+    metrics.jsonl's "health" field: ``"ok"``, ``"skip:<reason>"``, ``"rollback:<reason>"``."""
+
+    action: Action
+    reason: str = ""
+
+    def __str__(self) -> str:
+        return self.action.value if self.action is Action.OK else f"{self.action.value}:{self.reason}"
 
 
 @dataclass
@@ -19,14 +38,14 @@ class HealthMonitor:
     # prompt most advantages are ~0 and the median norm collapses (0.01 on the default
     # run), so a step with a few wrong samples reads as a 15x "spike" although the
     # gradient is far below the clip threshold.
-    min_spike_norm: float = 0.0
+    min_spike_norm: float = 1.0  # the trainer's default too (--health.min_spike_norm)
     history: list = field(default_factory=list)  # recent healthy grad norms
     bad_in_a_row: int = 0
     skipped_total: int = 0
     rollbacks: int = 0
 
-    def check(self, loss: float, grad_norm: float) -> str:
-        """Returns ``"ok"``, ``"skip:<reason>"`` or ``"rollback:<reason>"``."""
+    def check(self, loss: float, grad_norm: float) -> Decision:
+        """OK, SKIP or ROLLBACK (with the reason, e.g. ``nonfinite_loss``)."""
         reason = None
         if not math.isfinite(loss):
             reason = "nonfinite_loss"
@@ -40,14 +59,14 @@ class HealthMonitor:
         if reason is None:
             self.bad_in_a_row = 0
             self.history = (self.history + [grad_norm])[-self.window:]
-            return "ok"
+            return Decision(Action.OK)
         self.bad_in_a_row += 1
         self.skipped_total += 1
         if self.bad_in_a_row >= self.max_bad_steps:
             self.bad_in_a_row = 0
             self.rollbacks += 1
-            return f"rollback:{reason}"
-        return f"skip:{reason}"
+            return Decision(Action.ROLLBACK, reason)
+        return Decision(Action.SKIP, reason)
 
     def state_dict(self) -> dict:
         return {"history": list(self.history), "bad_in_a_row": self.bad_in_a_row,

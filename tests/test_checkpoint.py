@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from r1reward.checkpoint import MARKER, Checkpointer
-from r1reward.health import HealthMonitor
+from r1reward.config import HealthConfig
+from r1reward.health import Action, Decision, HealthMonitor
 
 
 def _setup(seed=0):
@@ -71,17 +72,29 @@ def test_keep_last_k_and_incomplete_ignored(tmp_path):
 def test_health_skip_spike_and_rollback():
     h = HealthMonitor(spike_factor=10, window=10, min_history=3, max_bad_steps=2)
     for g in (1.0, 1.2, 0.9, 1.1):
-        assert h.check(0.5, g) == "ok"
-    assert h.check(0.5, 50.0).startswith("skip:grad_spike")
-    assert h.check(0.5, 2.0) == "ok"  # a healthy step resets the streak
-    assert h.check(float("nan"), 1.0) == "skip:nonfinite_loss"
-    assert h.check(0.5, float("inf")).startswith("rollback:nonfinite_grad")
+        assert h.check(0.5, g) == Decision(Action.OK)
+    spike = h.check(0.5, 50.0)
+    assert spike.action is Action.SKIP and spike.reason.startswith("grad_spike")
+    assert h.check(0.5, 2.0).action is Action.OK  # a healthy step resets the streak
+    assert h.check(float("nan"), 1.0) == Decision(Action.SKIP, "nonfinite_loss")
+    assert h.check(0.5, float("inf")) == Decision(Action.ROLLBACK, "nonfinite_grad")
     assert (h.skipped_total, h.rollbacks) == (3, 1)
-    # a converged policy: median norm 0.01, then a step at 0.2 (20x, but below the floor)
-    h3 = HealthMonitor(spike_factor=10, min_history=3, min_spike_norm=1.0)
+    # str() is what metrics.jsonl's "health" field holds
+    assert [str(Decision(Action.OK)), str(Decision(Action.SKIP, "nonfinite_loss")),
+            str(Decision(Action.ROLLBACK, "nonfinite_grad"))] == [
+        "ok", "skip:nonfinite_loss", "rollback:nonfinite_grad"]
+    assert str(spike) == "skip:grad_spike(50>10x1.05)"
+    # a converged policy: median norm 0.01, then a step at 0.2 (20x, but below the floor,
+    # which defaults to the trainer's 1.0)
+    assert HealthMonitor().min_spike_norm == 1.0 == HealthConfig().min_spike_norm
+    h3 = HealthMonitor(spike_factor=10, min_history=3)
     for g in (0.01, 0.012, 0.009, 0.2):
-        assert h3.check(0.5, g) == "ok"
-    assert h3.check(0.5, 5.0).startswith("skip:grad_spike")  # above both: still a spike
+        assert h3.check(0.5, g).action is Action.OK
+    assert h3.check(0.5, 5.0).action is Action.SKIP  # above both: still a spike
+    h0 = HealthMonitor(spike_factor=10, min_history=3, min_spike_norm=0.0)
+    for g in (0.01, 0.012, 0.009):
+        h0.check(0.5, g)
+    assert h0.check(0.5, 0.2).action is Action.SKIP  # without the floor it is a spike
     h2 = HealthMonitor()
     h2.load_state_dict(h.state_dict())
     assert h2.state_dict() == h.state_dict()
