@@ -186,10 +186,19 @@ def loss_stats(lp, old_lp, ref_lp, valid, parts, entropy=None) -> dict[str, torc
             # No Python branch on valid.any(): that would sync and break torch.compile graphs.
             "ratio_max": torch.where(n_valid > 0, torch.where(valid, ratio, neg_inf).amax()
                                      if ratio.numel() else ratio.new_zeros(()), ratio.new_zeros(())),
+            "ratio_min": torch.where(n_valid > 0, torch.where(valid, ratio, -neg_inf).amin()
+                                     if ratio.numel() else ratio.new_zeros(()), ratio.new_zeros(())),
             # k3 estimate of KL(π_old ‖ π) from samples of π_old, on the unclipped ratio.
             "approx_kl": mean(torch.expm1(d_raw.clamp(max=20.0)) - d_raw),
             "valid_tokens": v.sum(),
         }
+        # Quantiles of the raw log-ratio (before Pre-CLIP) over valid tokens: how far off
+        # policy the update is. Static shapes (NaN outside the mask), so compile-friendly.
+        if d_raw.numel():
+            q = torch.nanquantile(torch.where(valid, d_raw.float(), float("nan")),
+                                  torch.tensor([0.05, 0.5, 0.95], device=d_raw.device))
+            q = torch.nan_to_num(q, nan=0.0)
+            stats["log_ratio_q05"], stats["log_ratio_q50"], stats["log_ratio_q95"] = q.unbind()
         if ref_lp is not None:
             stats["ref_kl"] = mean(kl_penalty(lp.float(), ref_lp, "k3"))
         if entropy is not None:
