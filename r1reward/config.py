@@ -87,6 +87,7 @@ class AlgoConfig:
     kl_estimator: str = "k1"
     adv_filter: str = "zscore"  # zscore | release | off
     filter_k: float = 3.0
+    preclip: bool = True  # StableReinforce's Pre-CLIP; off = the plain PPO ratio
     preclip_lo: float = 1e-3  # Pre-CLIP band on the ratio (δ_lo, δ_hi)
     preclip_hi: float = 1e3
     clip_eps: float = 0.2
@@ -132,6 +133,9 @@ class CheckpointConfig:
 
 @dataclass
 class HealthConfig:
+    # Not part of the method (the paper has none): skip/rollback on non-finite losses and
+    # gradient spikes. Off = every update is applied.
+    enabled: bool = True
     spike_factor: float = 10.0  # grad norm > factor × running median = spike
     window: int = 20
     min_history: int = 5

@@ -23,7 +23,7 @@ import torch
 from r1reward import registry, rollout
 from r1reward.checkpoint import Checkpointer, CorruptCheckpoint
 from r1reward.config import JobConfig
-from r1reward.health import HealthMonitor
+from r1reward.health import Action, Decision, HealthMonitor
 from r1reward.kernels import StableReinforceLoss
 from r1reward.logprobs import FusedLMHead, micro_batches, policy_loss, sequence_logprobs
 from r1reward.metrics import MetricsLogger, plot_training_curves
@@ -35,6 +35,10 @@ log = logging.getLogger("r1reward")
 # Per-step fields that depend on wall time (everything else must be reproducible).
 TIMING_KEYS = ("time_rollout", "time_logprobs", "time_update", "time_step", "tokens_per_s")
 PHASES = ("rollout", "logprobs", "update")
+# Loss statistics averaged over an RL step's tokens, and those whose extreme is kept
+# (the log-ratio median is averaged; its 5 % / 95 % quantiles keep the widest value).
+WEIGHTED_STATS = ("preclip_frac", "clip_frac", "entropy", "approx_kl", "log_ratio_q50")
+EXTREME_STATS = {"ratio_max": max, "ratio_min": min, "log_ratio_q05": min, "log_ratio_q95": max}
 
 
 # ------------------------------------------------------------------------ state pieces
@@ -135,7 +139,7 @@ class AdvantageInputs:
 class UpdateResult:
     loss: float
     grad_norm: float
-    decision: object  # r1reward.health decision of the last optimizer step
+    decision: Decision  # of the last optimizer step
     optimizer_steps: int
     stats: dict
 
@@ -145,7 +149,8 @@ def loss_module(cfg: JobConfig) -> StableReinforceLoss:
     """The one place the config's loss settings become kernel arguments."""
     a = cfg.algo
     # Reinforce++ puts the KL penalty in the reward (advantages), not in the loss.
-    return StableReinforceLoss(preclip=(math.log(a.preclip_lo), math.log(a.preclip_hi)),
+    preclip = (math.log(a.preclip_lo), math.log(a.preclip_hi)) if a.preclip else None
+    return StableReinforceLoss(preclip=preclip,
                                clip_eps=(a.clip_eps, a.clip_eps), aggregation=a.aggregation,
                                kl_coef=0.0, kl_estimator=a.kl_estimator,
                                temperature=cfg.rollout.temperature, backend=a.backend)
@@ -294,7 +299,7 @@ class Trainer:
                 self.bar.close()
             self.metrics.close()
 
-    def train_step(self) -> tuple[dict, object]:
+    def train_step(self) -> tuple[dict, Decision]:
         """One RL step; returns its metrics row and the health decision."""
         step = self.progress.step + 1
         t0 = time.time()
@@ -355,19 +360,22 @@ class Trainer:
         rows_per_step = rows * tb // cfg.rollout.batch_size
         mask = ro.batch.response_mask
         n_tok = mask.sum().clamp_min(1).item()
-        stats = {"preclip_frac": 0.0, "clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0,
-                 "ratio_max": 0.0}
+        stats = dict.fromkeys(WEIGHTED_STATS, 0.0)
+        stats.update(ratio_max=0.0, ratio_min=math.inf, log_ratio_q05=math.inf,
+                     log_ratio_q95=-math.inf)
         losses, norms, decision, n_steps = [], [], None, 0
         self.optimizer.zero_grad(set_to_none=True)
         for _ in range(cfg.algo.ppo_epochs):
             for idx in micro_batches(rows, rows_per_step):
                 loss, st = self._backward(ro, idx, old_lp, ref_lp, adv)
-                for k in ("preclip_frac", "clip_frac", "entropy", "approx_kl"):
+                for k in WEIGHTED_STATS:
                     stats[k] += st[k] * mask[idx].sum().item() / n_tok / cfg.algo.ppo_epochs
-                stats["ratio_max"] = max(stats["ratio_max"], st["ratio_max"])
+                for k, pick in EXTREME_STATS.items():
+                    stats[k] = pick(stats[k], st[k])
                 gnorm = grad_norm_and_clip(self.policy, cfg.optim.max_grad_norm)
                 loss_all = all_reduce_sum(torch.tensor([loss], dtype=torch.float64)).item()
-                decision = self.health.check(loss_all, gnorm)
+                decision = (self.health.check(loss_all, gnorm) if cfg.health.enabled
+                            else Decision(Action.OK))
                 if self._is_ok(decision):
                     self.optimizer.step()
                 else:
@@ -381,6 +389,8 @@ class Trainer:
                     break
             if not self._is_ok(decision):
                 break
+        for k in EXTREME_STATS:  # no valid token at all: report 0, not ±inf
+            stats[k] = stats[k] if math.isfinite(stats[k]) else 0.0
         return UpdateResult(loss=sum(losses) / max(len(losses), 1), grad_norm=max(norms),
                             decision=decision, optimizer_steps=n_steps, stats=stats)
 
@@ -393,8 +403,10 @@ class Trainer:
         unit = mask.sum(1) if self.cfg.algo.aggregation == "token-mean" else (mask.sum(1) > 0).float()
         total_units = unit[idx].sum().clamp_min(1.0)
         n_tok = mask[idx].sum().clamp_min(1).item()
-        loss_sum, st_sum = 0.0, {"preclip_frac": 0.0, "clip_frac": 0.0, "entropy": 0.0,
-                                 "approx_kl": 0.0, "ratio_max": 0.0}
+        loss_sum = 0.0
+        st_sum = dict.fromkeys(WEIGHTED_STATS, 0.0)
+        st_sum.update(ratio_max=0.0, ratio_min=math.inf, log_ratio_q05=math.inf,
+                      log_ratio_q95=-math.inf)
         for part in micro_batches(len(idx), self.cfg.algo.micro_batch_size):
             rows = [idx[i] for i in part]
             mb = ro.batch.select(rows)
@@ -404,9 +416,11 @@ class Trainer:
             scaled.backward()
             loss_sum += scaled.item()
             w = mask[rows].sum().item() / n_tok
-            for k in ("preclip_frac", "clip_frac", "entropy", "approx_kl"):
+            for k in WEIGHTED_STATS:
                 st_sum[k] += st[k].item() * w
-            st_sum["ratio_max"] = max(st_sum["ratio_max"], st["ratio_max"].item())
+            if mask[rows].sum() > 0:  # an all-padding micro-batch reports no ratios
+                for k, pick in EXTREME_STATS.items():
+                    st_sum[k] = pick(st_sum[k], st[k].item())
         return loss_sum, st_sum
 
     def log(self, step, ro, rw, old_lp, ref_lp, filtered, upd: UpdateResult, lr, times) -> dict:
@@ -427,8 +441,9 @@ class Trainer:
             "kl": ((kl_per_token(old_lp, ref_lp, "k1") * m).sum() / m.sum().clamp_min(1)).item(),
             "preclip_frac": upd.stats["preclip_frac"], "clip_frac": upd.stats["clip_frac"],
             "filtered_frac": (filtered.float().sum() / m.sum().clamp_min(1)).item(),
-            "entropy": upd.stats["entropy"], "ratio_max": upd.stats["ratio_max"],
-            "approx_kl": upd.stats["approx_kl"], "optimizer_steps": upd.optimizer_steps,
+            **{k: upd.stats[k] for k in (*WEIGHTED_STATS, *EXTREME_STATS)
+               if k not in ("preclip_frac", "clip_frac")},
+            "optimizer_steps": upd.optimizer_steps,
             "response_length": m.sum(1).mean().item(),
             "answer1_rate": sum(a == 1 for a in answers) / max(len(answers), 1),
             "loss": upd.loss, "grad_norm": upd.grad_norm, "lr": lr,
@@ -521,9 +536,9 @@ class Trainer:
                             dynamic_ncols=True, file=sys.stderr)
 
     @staticmethod
-    def _is_ok(decision) -> bool:
-        return str(decision) == "ok"
+    def _is_ok(decision: Decision) -> bool:
+        return decision.action is Action.OK
 
     @staticmethod
-    def _is_rollback(decision) -> bool:
-        return str(decision).startswith("rollback")
+    def _is_rollback(decision: Decision) -> bool:
+        return decision.action is Action.ROLLBACK

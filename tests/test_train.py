@@ -216,3 +216,37 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
         run(parse_args(tiny_args(out, "--steps", "3", "--resume", *QUICK)))
     assert any(shard.name in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records)
     assert [x["step"] for x in rows(out)] == [1, 2, 3]  # step 3 redone from the step-2 checkpoint
+
+
+def test_stable_reinforce_parts_switch_off():
+    # Pre-CLIP off gives the plain PPO ratio; the advantage filter and consistency reward
+    # have their own off values; together they are plain Reinforce++.
+    from r1reward.trainer import loss_module
+    on = loss_module(parse_args([]))
+    off = loss_module(parse_args(["--no-algo.preclip", "--algo.adv_filter", "off",
+                                  "--reward.w_consistency", "0"]))
+    assert on.settings.preclip == pytest.approx((math.log(1e-3), math.log(1e3)))
+    assert off.settings.preclip is None
+    lp = torch.tensor([[10.0]], requires_grad=True)  # ratio e^10 >> δ_hi = 1e3
+    old, adv, mask = torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1)
+    loss_on, st_on = on(lp, old, adv, mask)
+    loss_off, st_off = off(lp, old, adv, mask)
+    assert st_on["preclip_frac"].item() == 1.0 and st_off["preclip_frac"].item() == 0.0
+    assert loss_off.item() == pytest.approx(math.exp(10.0)) and loss_on.item() == pytest.approx(1e3)
+
+
+def test_health_monitor_off_applies_every_update(tmp_path, monkeypatch):
+    import r1reward.trainer as train_mod
+    real, calls = train_mod.grad_norm_and_clip, []
+
+    def fake(model, max_norm):
+        real(model, max_norm)
+        calls.append(1)
+        return 1.0 if len(calls) == 1 else 1e9
+    monkeypatch.setattr(train_mod, "grad_norm_and_clip", fake)
+    out = tmp_path / "run"
+    summary = run(parse_args(tiny_args(
+        out, "--steps", "3", "--no-health.enabled", "--health.min_history", "1",
+        "--health.max_bad_steps", "1", *QUICK)))
+    assert [x["health"] for x in rows(out)] == ["ok"] * 3
+    assert summary["rollbacks"] == 0 and summary["skipped_steps"] == 0
