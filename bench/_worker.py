@@ -72,7 +72,9 @@ def measure(spec: dict) -> dict:
         return (*t["s"], peak, nbytes, resident)
 
     first = [run(step, first_call_mem) for _ in range(warmup)]
-    fwd = [run(forward, not first_call_mem) for _ in range(repeats)]
+    # Forward-only timing is optional (the CPU sweep skips it: only fwd+bwd is compared).
+    fwd = ([run(forward, not first_call_mem) for _ in range(repeats)]
+           if spec.get("time_forward", True) else [])
     steps = [run(step, not first_call_mem) for _ in range(repeats)]
     _clear_grads(inp)
     mem_runs = first[:1] if first_call_mem else steps
@@ -81,8 +83,8 @@ def measure(spec: dict) -> dict:
     grad_b = steps[-1][3]
     grad_resident = mem_runs[-1][4] if mem_runs else grad_b
     row.update({
-        "fwd_s": M.median([r[0] for r in fwd]), "fwdbwd_s": M.median([r[0] for r in steps]),
-        "fwd_cpu_s": _median_or_none([r[1] for r in fwd]),
+        "fwd_s": M.median([r[0] for r in fwd]) if fwd else None, "fwdbwd_s": M.median([r[0] for r in steps]),
+        "fwd_cpu_s": _median_or_none([r[1] for r in fwd]) if fwd else None,
         "fwdbwd_cpu_s": _median_or_none([r[1] for r in steps]),
         "fwd_peak_mb": max(fwd_peaks) / M.MB if fwd_peaks else None,
         "peak_mb": max(peaks) / M.MB if peaks else None,
@@ -93,6 +95,9 @@ def measure(spec: dict) -> dict:
             "cuda-allocator" if dev.type == "cuda" else "rss-hwm"),
         "load1": os.getloadavg()[0],  # other jobs on the machine make timings noisy
     })
+    if method.startswith("r1reward-torch") and dev.type == "cpu":
+        from r1reward.kernels import cpu_blas
+        row["cpu_blas"] = ",".join(sorted(set(cpu_blas._memo.values()))) or cpu_blas.setting()
     return row
 
 

@@ -1,10 +1,12 @@
 """Chunked PyTorch backend ("torch"): never holds ``[N, V]`` logits, runs on any device.
 
-Rows are processed ``C`` at a time against the full vocabulary, with ``C·V·4`` bytes
-≤ :data:`LOGIT_BUDGET_BYTES`: one fp32 chunk of logits is alive at a time (a reused
-buffer that the matmul writes with ``out=``, or on CPU the oneDNN matmul's output), and
-everything after the matmul works in place on it. Inputs of any float dtype are cast to
-fp32 per chunk (the weight once per call) so every reduction accumulates in fp32.
+Rows are processed ``C`` at a time against the full vocabulary. ``C`` comes from
+:mod:`.chunk_plan`, which counts every temporary a chunk holds (the fp32 logit chunk, the
+``[C, H]`` operands, the entropy block, filtered mode's gathered blocks) so the call's
+extra memory beyond the gradients stays within ``EXTRA_BUDGET_BYTES`` (64 MiB) at any N.
+The logit chunk is one reused buffer written by the GEMM; everything after the GEMM works
+in place on it. Inputs of any float dtype are cast to fp32 per chunk (the weight once per
+call) so every reduction accumulates in fp32.
 
 * ``fused_loss``: gradients are computed during the forward pass (SPEC §6): per chunk
   ``z → lse → lp → g = dL/dlp → dz = g·(onehot − softmax)/τ → ∂h = dz·W, ∂W += dzᵀ·h``.
@@ -12,38 +14,31 @@ fp32 per chunk (the weight once per call) so every reduction accumulates in fp32
 * ``token_logprobs``: forward saves only ``lse`` (O(N)); backward recomputes ``z`` once
   per chunk with the incoming gradient (4 GEMMs in total).
 
+On CPU the logits and ∂h GEMMs run on the engine :mod:`.cpu_blas` measured fastest on
+this machine (torch.mm or numpy's BLAS); ∂W accumulates in place with ``addmm_``.
+
 The ``*_impl`` functions below are plain tensor code; :mod:`.custom_ops` wraps them as
 ``torch.library`` custom ops (so ``torch.compile(fullgraph=True)`` treats each as one
 opaque node) and provides the backend entry points ``token_logprobs``/``fused_loss``.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import math
 import mmap
-import os
 
 import numpy as np
 import torch
 
+from . import chunk_plan, cpu_blas
 from .loss_math import LossSettings, loss_and_grad
 
-# Peak size of the per-chunk logit buffer (the only O(rows·V) allocation).
-LOGIT_BUDGET_BYTES = 64 << 20
+# Extra memory of one call beyond its gradients (tests lower it to force many chunks).
+EXTRA_BUDGET_BYTES = chunk_plan.EXTRA_BUDGET_BYTES
+# Tests only: cap on rows per chunk (None: the plan's).
+MAX_CHUNK_ROWS = None
 # In filtered mode, above this fraction of surviving vocab columns the dense GEMMs are
 # cheaper than gathering the weight rows (index_select + index_put_ copy H floats per row).
 FILTER_DENSE_FRACTION = 0.5
-# Vocab block for the entropy reduction, so its temporary stays small.
-_ENTROPY_BLOCK = 8192
-
-
-def rows_per_chunk(n_rows: int, vocab: int) -> int:
-    """Chunk size ``C`` with ``C·V·4 ≤ LOGIT_BUDGET_BYTES``, balanced over the chunks."""
-    if n_rows <= 0:
-        return 1
-    c = max(1, min(n_rows, LOGIT_BUDGET_BYTES // (4 * vocab)))
-    n_chunks = -(-n_rows // c)
-    return -(-n_rows // n_chunks)  # equal-sized chunks: no short tail GEMM
 
 
 def _check_targets(t, vocab, what):
@@ -53,148 +48,25 @@ def _check_targets(t, vocab, what):
         raise ValueError(f"targets: {what} contains token id {bad} outside [0, V={vocab})")
 
 
-# CPU fp32: compute the logits GEMM with oneDNN on a weight packed once per call. The
-# default CPU BLAS (MKL) is far from peak on AMD CPUs for these shapes (measured on the
-# 2-core EPYC dev box, one chunk [103, 2048]·[2048, 151936]: MKL 1.2–1.8 s, packed oneDNN
-# 0.46–0.5 s, packing 0.84 s once per call). The other two GEMMs stay on torch.mm: packing
-# Wᵀ costs more than it saves, and ∂W accumulates in place.
-# Off by default: the packed copy is a second weight-sized buffer (1.2 GB at H=2048,
-# V=151936 fp32), which breaks the fused path's O(chunk·V) extra-memory contract (SPEC §6).
-# Opt in with R1REWARD_ONEDNN_PACKED_WEIGHT=1 when memory is plentiful and the BLAS is slow.
-USE_ONEDNN = os.environ.get("R1REWARD_ONEDNN_PACKED_WEIGHT", "0") == "1"
-ONEDNN_MIN_ROWS = 16  # below this, one pass of packing W costs more than it saves
-_onednn = None  # None: not probed yet; False: unavailable; else (reorder, linear) ops
-
-
-def _onednn_ops():
-    """The oneDNN packed-linear ops, probed once (internal torch ops: fall back if absent)."""
-    global _onednn
-    if _onednn is None:
-        _onednn = False
-        try:
-            if torch.backends.mkldnn.is_available():
-                reorder = torch.ops.mkldnn._reorder_linear_weight
-                linear = torch.ops.mkldnn._linear_pointwise
-                x, w = torch.randn(3, 5), torch.randn(7, 5)
-                if torch.allclose(linear(x, reorder(w, 3), None, "none", [], ""), x @ w.t(),
-                                  atol=1e-5):
-                    _onednn = (reorder, linear)
-        except (AttributeError, RuntimeError):
-            pass
-    return _onednn or None
-
-
-# CPU fp32: the chunk GEMMs go through numpy's BLAS (the OpenBLAS that numpy's wheels
-# bundle) instead of torch.mm (MKL in the torch wheel). Measured on the 2-core AMD dev
-# box, one chunk at H=2048, V=151936, quiet machine: logits [103, 2048]·[2048, 151936]
-# MKL 0.52 s, OpenBLAS 0.38–0.41 s; ∂h [103, 151936]·[151936, 2048] MKL 0.40 s,
-# OpenBLAS 0.35 s. Keeping all three GEMMs on one library also avoids handing the cores
-# back and forth between two thread pools (the fused call was 5.95 s with only the
-# logits GEMM on OpenBLAS, 5.4 s with ∂h too). ∂W accumulates in place (β = 1), which
-# numpy's matmul cannot do, so that one calls the same library's cblas_sgemm through
-# ctypes (probed and checked once; torch's addmm_ if it is missing). No copies: numpy
-# and the BLAS read the tensors' memory. "torch" forces torch.mm everywhere; "auto" uses
-# numpy's BLAS above NUMPY_GEMM_MIN_MACS.
-CPU_BLAS = os.environ.get("R1REWARD_CPU_BLAS", "auto")
-NUMPY_GEMM_MIN_MACS = 1 << 26  # below this the call overheads dominate either way
-_blas_ctl = None  # threadpoolctl controller for numpy's BLAS (None: not probed; False: absent)
-
-
-def _numpy_blas_threads(n: int):
-    """Context that runs numpy's BLAS on ``n`` threads (torch's setting), so a process that
-    lowered torch's thread count (e.g. one rank of several) does not oversubscribe cores."""
-    global _blas_ctl
-    if _blas_ctl is None:
-        try:
-            import threadpoolctl
-            _blas_ctl = threadpoolctl.ThreadpoolController().select(user_api="blas")
-        except Exception:  # noqa: BLE001 - without it numpy keeps its own thread count
-            _blas_ctl = False
-    if _blas_ctl and any(lib["num_threads"] != n for lib in _blas_ctl.info()):
-        return _blas_ctl.limit(limits=n)
-    return contextlib.nullcontext()
-
-
-_sgemm = None  # numpy's OpenBLAS cblas_sgemm (None: not probed; False: unavailable)
-_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS = 101, 111, 112
-
-
-def _openblas_sgemm():
-    """``cblas_sgemm`` of the OpenBLAS that numpy loaded, or None. Symbol names differ by
-    build (numpy's wheels: ILP64 with a ``scipy_`` prefix), so each candidate is checked
-    on a small product against numpy before it is used."""
-    global _sgemm
-    if _sgemm is None:
-        _sgemm = False
-        try:
-            import threadpoolctl
-            paths = [lib.filepath for lib in threadpoolctl.ThreadpoolController()
-                     .select(internal_api="openblas").lib_controllers]
-            for path in paths:
-                dll = ctypes.CDLL(path)
-                for name, int_t in (("scipy_cblas_sgemm64_", ctypes.c_int64),
-                                    ("cblas_sgemm64_", ctypes.c_int64),
-                                    ("scipy_cblas_sgemm", ctypes.c_int32),
-                                    ("cblas_sgemm", ctypes.c_int32)):
-                    fn = getattr(dll, name, None)
-                    if fn is None:
-                        continue
-                    fn.restype = None
-                    ptr, f32 = ctypes.c_void_p, ctypes.c_float
-                    fn.argtypes = ([ctypes.c_int] * 3 + [int_t] * 3
-                                   + [f32, ptr, int_t, ptr, int_t, f32, ptr, int_t])
-                    if _sgemm_matches_numpy(fn):
-                        _sgemm = fn
-                        return fn
-        except Exception:  # noqa: BLE001 - any failure: torch's addmm_ does the work
-            _sgemm = False
-    return _sgemm or None
-
-
-def _sgemm_matches_numpy(fn) -> bool:
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((5, 7), dtype=np.float32)  # p: [c=5, V=7]
-    b = rng.standard_normal((5, 3), dtype=np.float32)  # hs: [c, H=3]
-    c = rng.standard_normal((7, 3), dtype=np.float32)  # ∂W: [V, H]
-    want = c + a.T @ b
-    fn(_CBLAS_ROW_MAJOR, _CBLAS_TRANS, _CBLAS_NO_TRANS, 7, 3, 5, 1.0, a.ctypes.data, 7,
-       b.ctypes.data, 3, 1.0, c.ctypes.data, 3)
-    return bool(np.allclose(c, want, atol=1e-5))
-
-
-def _sgemm_at_b(sgemm, a, b, c, accumulate: bool) -> None:
-    """``c (+)= aᵀ·b`` in place: a [k, m] with unit column stride, b [k, n] and c [m, n]
-    contiguous, all fp32 CPU."""
-    k, m = a.shape
-    n = b.shape[1]
-    sgemm(_CBLAS_ROW_MAJOR, _CBLAS_TRANS, _CBLAS_NO_TRANS, m, n, k, 1.0, a.data_ptr(),
-          a.stride(0), b.data_ptr(), n, 1.0 if accumulate else 0.0, c.data_ptr(), n)
-
-
 class _Chunker:
-    """Per-call state: fp32 weight (and its oneDNN packing), scaled bias, the chunk size and
-    the one reused chunk buffer (``C·V·4 ≤ LOGIT_BUDGET_BYTES``)."""
+    """Per-call state: fp32 weight, scaled bias, the chunk plan, the GEMM engine and the one
+    reused logit buffer."""
 
-    def __init__(self, h, w, bias, temperature, n_rows):
+    def __init__(self, h, w, bias, temperature, n_rows, *, grads, entropy=False,
+                 filtered=False):
         self.w32 = w.to(torch.float32).contiguous()  # no copy for a contiguous fp32 weight
-        self.w32t = self.w32.t()
         self.inv_tau = 1.0 / temperature
         self.bz = None if bias is None else bias.to(torch.float32) * self.inv_tau
-        vocab = w.shape[0]
-        self.c = rows_per_chunk(n_rows, vocab)
-        ops = (_onednn_ops() if USE_ONEDNN and h.device.type == "cpu"
-               and n_rows >= ONEDNN_MIN_ROWS else None)
-        self.buf = self.packed = self.w_np = None
-        if (CPU_BLAS != "torch" and ops is None and h.device.type == "cpu"
-                and (CPU_BLAS == "numpy"
-                     or min(self.c, n_rows) * vocab * w.shape[1] >= NUMPY_GEMM_MIN_MACS)):
-            self.w_np = self.w32.detach().numpy().T  # a view: Wᵀ as a transposed operand
-        if ops is not None:
-            self.linear = ops[1]
-            self.packed = ops[0](self.w32, self.c)
-        else:
-            self.buf = torch.empty(min(self.c, max(n_rows, 1)), vocab, dtype=torch.float32,
-                                   device=h.device)
+        vocab, hidden = w.shape
+        self.plan = chunk_plan.plan(n_rows, hidden, vocab, grads=grads, entropy=entropy,
+                                    filtered=filtered, bias=bias is not None,
+                                    tau_scaled=self.inv_tau != 1.0, in_bytes=h.element_size(),
+                                    budget=EXTRA_BUDGET_BYTES)
+        self.c = self.plan.rows if MAX_CHUNK_ROWS is None else min(self.plan.rows, MAX_CHUNK_ROWS)
+        rows = min(self.c, max(n_rows, 1))
+        self.engine = (cpu_blas.engine(hidden, vocab, rows) if h.device.type == "cpu"
+                       else "torch")
+        self.buf = torch.empty(rows, vocab, dtype=torch.float32, device=h.device)
 
     def chunks(self, h, rows_all):
         """Yield ``(rows, hc fp32)`` for consecutive row chunks."""
@@ -203,32 +75,17 @@ class _Chunker:
             yield rows, h.index_select(0, rows).to(torch.float32)
 
     def logits(self, hc):
-        """``(z, hz)``: ``z = (hc·Wᵀ + b)/τ`` [c, V] fp32 and ``hz = hc/τ`` (1/τ is folded into
-        the small hc). Without oneDNN, z is written into the reused buffer; with it, z is
-        the op's output (callers drop it before the next chunk, so one chunk is alive)."""
+        """``(z, hz)``: ``z = (hc·Wᵀ + b)/τ`` [c, V] fp32 in the reused buffer and ``hz = hc/τ``
+        (1/τ is folded into the small hc)."""
         hz = hc * self.inv_tau if self.inv_tau != 1.0 else hc
-        if self.packed is not None:
-            return self.linear(hz, self.packed, self.bz, "none", [], ""), hz
         z = self.buf[:hc.shape[0]]
-        if self.w_np is not None:
-            with _numpy_blas_threads(torch.get_num_threads()):
-                np.matmul(hz.detach().numpy(), self.w_np, out=z.numpy())
+        if self.engine == "numpy" or self.bz is None:
+            cpu_blas.logits(self.engine, hz, self.w32, z)
             if self.bz is not None:
                 z += self.bz
-        elif self.bz is None:
-            torch.mm(hz, self.w32t, out=z)
         else:
-            torch.addmm(self.bz, hz, self.w32t, out=z)
+            torch.addmm(self.bz, hz, self.w32.t(), out=z)
         return z, hz
-
-    def mm_w(self, p, w32):
-        """``p·W`` [c, H] (∂h's GEMM); on numpy's BLAS when the logits GEMM is (see above)."""
-        if self.w_np is None:
-            return torch.mm(p, w32)
-        out = torch.empty(p.shape[0], w32.shape[1], dtype=torch.float32)
-        with _numpy_blas_threads(torch.get_num_threads()):
-            np.matmul(p.detach().numpy(), w32.detach().numpy(), out=out.numpy())
-        return out
 
     def softmax_(self, z, tc, hz):
         """Softmax of ``z`` in place; returns ``(lse, z_target)`` [c] (fp32).
@@ -258,7 +115,6 @@ class _Chunker:
         results instead of the ``[c, V]`` chunk (one pass over the chunk saved).
         """
         s = g * -self.inv_tau
-        w32 = self.w32
         cols = None
         if filter_eps is not None:
             # Columns where some row's softmax reaches filter_eps, plus the targets (their
@@ -267,25 +123,41 @@ class _Chunker:
             keep = p.amax(dim=0) >= filter_eps
             keep[tc] = True
             idx = keep.nonzero().squeeze(1)
+            del keep
             if idx.numel() < FILTER_DENSE_FRACTION * p.shape[1]:
                 cols = idx
-                # Targets in the compacted column numbering, for the one-hot below.
-                tc = torch.searchsorted(cols, tc)
-                p = p.index_select(1, cols)
-                w32 = w32.index_select(0, cols)
         flat = torch.arange(p.shape[0], device=p.device) * p.shape[1] + tc
         p.view(-1)[flat] -= 1.0  # p − onehot
-        if grads.dh is not None:
-            grads.dh.index_copy_(0, rows, self.mm_w(p, w32).mul_(s[:, None]))
-        if grads.dw is not None:
-            grads.add_dw(p, hc * s[:, None], cols,
-                         _openblas_sgemm() if self.w_np is not None else None)
-        if grads.db is not None:
-            db = torch.mv(p.t(), s)
-            if cols is None:
-                grads.db += db
-            else:
-                grads.db.index_put_((cols,), db, accumulate=True)
+        hs = hc * s[:, None] if grads.dw is not None else None
+        if cols is None:
+            if grads.dh is not None:
+                dh = cpu_blas.mm_w(self.engine, p, self.w32).mul_(s[:, None])
+                grads.dh.index_copy_(0, rows, dh.to(grads.dh.dtype))
+                del dh
+            if grads.dw is not None:
+                grads.add_dw(p, hs)
+            if grads.db is not None:
+                grads.db += torch.mv(p.t(), s)
+            return
+        self._filtered_grads(p, hs, s, cols, grads, rows)
+
+    def _filtered_grads(self, p, hs, s, cols, grads, rows):
+        """Gradients from the kept vocab columns only, gathered ``filter_cols`` at a time so
+        the gathered copies stay within the chunk plan."""
+        dh = (torch.zeros(p.shape[0], self.w32.shape[1], dtype=torch.float32, device=p.device)
+              if grads.dh is not None else None)
+        step = max(1, self.plan.filter_cols)
+        for b0 in range(0, cols.numel(), step):
+            cb = cols[b0:b0 + step]
+            pb = p.index_select(1, cb)
+            if dh is not None:
+                dh.addmm_(pb, self.w32.index_select(0, cb))
+            if grads.dw is not None:
+                grads.add_dw_rows(cb, torch.mm(pb.t(), hs))
+            if grads.db is not None:
+                grads.db.index_put_((cb,), torch.mv(pb.t(), s), accumulate=True)
+        if dh is not None:
+            grads.dh.index_copy_(0, rows, dh.mul_(s[:, None]).to(grads.dh.dtype))
 
 
 # Below this target probability ``log p_t`` loses precision (fp32 subnormals start ~1e-38).
@@ -295,8 +167,8 @@ _TINY_P = 1e-30
 def _entropy(p):
     """``−Σ p·log p`` per row, in vocab blocks so the temporary stays small."""
     acc = p.new_zeros(p.shape[0])
-    for v0 in range(0, p.shape[1], _ENTROPY_BLOCK):
-        blk = p[:, v0:v0 + _ENTROPY_BLOCK]
+    for v0 in range(0, p.shape[1], chunk_plan.ENTROPY_BLOCK):
+        blk = p[:, v0:v0 + chunk_plan.ENTROPY_BLOCK]
         acc -= torch.xlogy(blk, blk).sum(dim=1)
     return acc
 
@@ -329,8 +201,8 @@ def _compact_rows(z, keep):
     return torch.tensor(order, dtype=torch.long, device=z.device)
 
 
-def _zeros_like(t):
-    """Zeros; on CPU from a lazily zero-filled anonymous mapping without huge pages.
+def _zeros(shape, device):
+    """fp32 zeros; on CPU from a lazily zero-filled anonymous mapping without huge pages.
 
     In filtered mode only the surviving vocab rows of ∂W are ever written, so the rest
     never costs a page fault or a fill pass (``torch.zeros`` touches all of a [V, H]).
@@ -339,23 +211,32 @@ def _zeros_like(t):
     few hundred surviving rows of a Qwen-sized ∂W cost 0.4–1.8 s (measured) instead of
     milliseconds.
     """
-    if t.device.type == "cpu" and t.dtype == torch.float32 and t.numel():
-        buf = mmap.mmap(-1, t.numel() * 4)
+    numel = math.prod(shape)
+    if torch.device(device).type == "cpu" and numel:
+        buf = mmap.mmap(-1, numel * 4)
         if hasattr(mmap, "MADV_NOHUGEPAGE"):
             buf.madvise(mmap.MADV_NOHUGEPAGE)
-        return torch.from_numpy(np.frombuffer(buf, dtype=np.float32).reshape(t.shape))
-    return torch.zeros_like(t)
+        return torch.from_numpy(np.frombuffer(buf, dtype=np.float32).reshape(shape))
+    return torch.zeros(shape, dtype=torch.float32, device=device)
 
 
 class _Grads:
-    """fp32 gradient accumulators for one call; ``finish`` casts to the input dtypes."""
+    """Gradient accumulators for one call; ``finish`` casts to the input dtypes.
 
-    def __init__(self, h, w, bias, need_dh, need_dw, need_db):
-        self.dh = h.new_zeros(h.shape, dtype=torch.float32) if need_dh else None
-        # Left uninitialised: the first dense chunk writes it with mm(out=), saving a
+    ∂h is kept in the hidden states' dtype (each row is written once, by its chunk), so a
+    16-bit input needs no fp32 ``[N, H]`` copy; ∂W and ∂b accumulate over chunks in fp32.
+    """
+
+    def __init__(self, h, w, bias, need_dh, need_dw, need_db, filtered=False):
+        self.dh = h.new_zeros(h.shape) if need_dh else None
+        # Dense: left uninitialised, the first chunk writes it with mm(out=), saving a
         # zero-fill pass over [V, H] (≈1% of the whole call at Qwen scale on CPU).
-        self.dw = w.new_empty(w.shape, dtype=torch.float32) if need_dw else None
-        self.dw_ready = False
+        # Filtered: lazily zeroed from the start (most rows are never written).
+        self.dw_ready = filtered
+        self.dw = None
+        if need_dw:
+            self.dw = (_zeros(w.shape, w.device) if filtered
+                       else w.new_empty(w.shape, dtype=torch.float32))
         self.db = (bias.new_zeros(bias.shape, dtype=torch.float32)
                    if need_db and bias is not None else None)
         self.dtypes = (h.dtype, w.dtype, None if bias is None else bias.dtype)
@@ -364,27 +245,22 @@ class _Grads:
     def any(self):
         return self.dh is not None or self.dw is not None or self.db is not None
 
-    def add_dw(self, p, hs, cols, sgemm=None):
-        """``∂W += pᵀ·hs`` (rows ``cols`` only in filtered mode); ``sgemm``: numpy's BLAS."""
-        if cols is None:
-            if (sgemm is not None and p.stride(1) == 1 and hs.is_contiguous()
-                    and self.dw.is_contiguous() and self.dw.dtype == torch.float32):
-                with _numpy_blas_threads(torch.get_num_threads()):
-                    _sgemm_at_b(sgemm, p, hs, self.dw, accumulate=self.dw_ready)
-            elif self.dw_ready:
-                self.dw.addmm_(p.t(), hs)
-            else:
-                torch.mm(p.t(), hs, out=self.dw)
+    def add_dw(self, p, hs):
+        """``∂W += pᵀ·hs`` over the whole vocabulary."""
+        if self.dw_ready:
+            self.dw.addmm_(p.t(), hs)
         else:
-            if not self.dw_ready:
-                self.dw = _zeros_like(self.dw)
-            # index_put_ with accumulate: index_add_ on CPU costs time ∝ the whole [V, H].
-            self.dw.index_put_((cols,), torch.mm(p.t(), hs), accumulate=True)
+            torch.mm(p.t(), hs, out=self.dw)
         self.dw_ready = True
+
+    def add_dw_rows(self, cols, part):
+        """``∂W[cols] += part`` (filtered mode: ∂W starts as lazily zeroed memory)."""
+        # index_put_ with accumulate: index_add_ on CPU costs time ∝ the whole [V, H].
+        self.dw.index_put_((cols,), part, accumulate=True)
 
     def finish(self, ref):
         if self.dw is not None and not self.dw_ready:
-            self.dw = _zeros_like(self.dw)
+            self.dw = _zeros(self.dw.shape, self.dw.device)
         def out(g, dt):
             return ref.new_empty(0) if g is None else g.to(dt)
         return out(self.dh, self.dtypes[0]), out(self.dw, self.dtypes[1]), out(self.db, self.dtypes[2])
@@ -398,7 +274,8 @@ def token_logprobs_fwd_impl(h, w, t, bias, temperature, ignore_index, return_ent
     lp = h.new_zeros(n, dtype=torch.float32)
     lse = h.new_zeros(n, dtype=torch.float32)
     ent = h.new_zeros(n if return_entropy else 0, dtype=torch.float32)
-    ck = _Chunker(h, w, bias, temperature, rows_all.numel())
+    ck = _Chunker(h, w, bias, temperature, rows_all.numel(), grads=False,
+                  entropy=return_entropy)
     for rows, hc in ck.chunks(h, rows_all):
         # One function call per chunk: its chunk-sized temporaries die before the next.
         _lp_chunk(ck, rows, hc, t[rows], lp, lse, ent if return_entropy else None)
@@ -418,11 +295,12 @@ def token_logprobs_bwd_impl(grad_lp, h, w, t, bias, lse, temperature, ignore_ind
                             need_dh, need_dw, need_db, filter_eps=None):
     """Backward of :func:`token_logprobs_fwd_impl`: recompute ``z`` per chunk (4th GEMM)."""
     del lse  # the in-place softmax recomputes it; kept in the signature for other backends
-    grads = _Grads(h, w, bias, need_dh, need_dw, need_db)
+    grads = _Grads(h, w, bias, need_dh, need_dw, need_db, filter_eps is not None)
     g_all = grad_lp.to(torch.float32)
     rows_all = ((t != ignore_index) & (g_all != 0)).nonzero().squeeze(1)
     if grads.any and rows_all.numel():
-        ck = _Chunker(h, w, bias, temperature, rows_all.numel())
+        ck = _Chunker(h, w, bias, temperature, rows_all.numel(), grads=True,
+                      filtered=filter_eps is not None)
         for rows, hc in ck.chunks(h, rows_all):
             _lp_bwd_chunk(ck, rows, hc, t[rows], g_all[rows], grads, filter_eps)
     return grads.finish(h)
@@ -448,8 +326,9 @@ def fused_loss_impl(h, w, t, old_lp, adv, ref_lp, tok_weight, valid, bias, tempe
     lp = h.new_zeros(n, dtype=torch.float32)
     ent = h.new_zeros(n if return_entropy else 0, dtype=torch.float32)
     loss = h.new_zeros((), dtype=torch.float32)
-    grads = _Grads(h, w, bias, need_dh, need_dw, need_db)
-    ck = _Chunker(h, w, bias, temperature, rows_all.numel())
+    grads = _Grads(h, w, bias, need_dh, need_dw, need_db, filter_eps is not None)
+    ck = _Chunker(h, w, bias, temperature, rows_all.numel(), grads=grads.any,
+                  entropy=return_entropy, filtered=filter_eps is not None)
     for rows, hc in ck.chunks(h, rows_all):
         loss += _fused_chunk(ck, rows, hc, t[rows], old_lp, adv, ref_lp, tok_weight,
                              settings, lp, ent if return_entropy else None, grads, filter_eps)
@@ -484,4 +363,4 @@ from .custom_ops import make_backend  # noqa: E402  (needs the impls above)
 # The op bodies run this module's impls under its canonical name (see custom_ops).
 token_logprobs, fused_loss = make_backend("torch_chunked", "r1reward.kernels.torch_chunked")
 
-__all__ = ["token_logprobs", "fused_loss", "rows_per_chunk", "LOGIT_BUDGET_BYTES"]
+__all__ = ["token_logprobs", "fused_loss", "EXTRA_BUDGET_BYTES"]

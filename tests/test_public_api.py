@@ -163,9 +163,9 @@ def test_double_import_as_top_level_kernels_keeps_ops_working():
         "assert kernels.torch_chunked is not tc\n"
         "h = torch.randn(1, 6, 4, requires_grad=True); w = torch.randn(9, 4)\n"
         "y = torch.randint(0, 9, (1, 6)); m = torch.ones(1, 6, dtype=torch.bool)\n"
-        "tc.LOGIT_BUDGET_BYTES = 9 * 4 * 2\n"  # the canonical module's setting is the one used
-        "calls = []; orig = tc.rows_per_chunk\n"
-        "tc.rows_per_chunk = lambda n, v: calls.append(n) or orig(n, v)\n"
+        "tc.MAX_CHUNK_ROWS = 2\n"  # the canonical module's setting is the one used
+        "calls = []; orig = tc.chunk_plan.plan\n"
+        "tc.chunk_plan.plan = lambda *a, **k: calls.append(a) or orig(*a, **k)\n"
         "loss, _ = K.fused_stable_reinforce_loss(h, w, y, torch.zeros(1, 6) - 2.2, torch.ones(1), m,"
         " backend='torch')\n"
         "loss.backward()\n"

@@ -3,6 +3,7 @@
 Every comparison goes through the public functional API, with a small logit budget so
 the chunk loop really runs several (unequal) chunks, drops rows and compacts the buffer.
 """
+import json
 import math
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 
 from r1reward.kernels import (
     LossSettings,
+    chunk_plan,
+    cpu_blas,
     fused_stable_reinforce_loss,
     reference,
     stable_reinforce_loss,
@@ -37,15 +40,12 @@ SETTINGS = [
 ]
 
 
-@pytest.fixture(autouse=True, params=["onednn", "mm", "numpy"])
+@pytest.fixture(autouse=True, params=["torch-blas", "numpy-blas"])
 def small_chunks(monkeypatch, request):
-    # 4 rows of V_ODD per chunk: 10+ valid rows give 3+ chunks, one of them shorter. Every
-    # test runs with the logits GEMM on oneDNN (packed weight), on torch.mm and on numpy's
-    # BLAS (the CPU default for large shapes).
-    monkeypatch.setattr(tc, "LOGIT_BUDGET_BYTES", 4 * V_ODD * 4)
-    monkeypatch.setattr(tc, "USE_ONEDNN", request.param == "onednn")
-    monkeypatch.setattr(tc, "ONEDNN_MIN_ROWS", 1)
-    monkeypatch.setattr(tc, "CPU_BLAS", "numpy" if request.param == "numpy" else "torch")
+    # 4 rows per chunk: 10+ valid rows give 3+ chunks, one of them shorter. Every test runs
+    # with the chunk GEMMs on torch.mm and on numpy's BLAS (the two CPU engines).
+    monkeypatch.setattr(tc, "MAX_CHUNK_ROWS", 4)
+    monkeypatch.setenv(cpu_blas.ENV, request.param.split("-")[0])
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -211,7 +211,7 @@ def test_fused_loss_matches_oracle(backend, s, per_token_adv):
 @pytest.mark.parametrize("budget_rows", [1, 3, 1000])
 def test_fused_loss_any_chunking_3d_no_bias(monkeypatch, budget_rows):
     # One row per chunk, ragged chunks, one chunk: identical results up to fp32 rounding.
-    monkeypatch.setattr(tc, "LOGIT_BUDGET_BYTES", budget_rows * 61 * 4)
+    monkeypatch.setattr(tc, "MAX_CHUNK_ROWS", budget_rows)
     h, w, _, y, mask, g = make_inputs(4, 6, 9, V=61, seed=2, bias=False)
     old, adv, ref = loss_inputs(h, w, y, mask, g)
     loss64, _, _, want = oracle_fused(h, w, y, old, adv, mask)
@@ -341,34 +341,78 @@ def test_out_of_vocab_target_names_the_field():
 
 
 # ------------------------------------------------------------- memory and filtering
-@pytest.mark.parametrize("onednn", [True, False], ids=["onednn-logits", "mm-into-buffer"])
-def test_chunk_buffer_stays_within_budget(monkeypatch, onednn):
-    # The largest CPU allocation of any op during forward+backward stays ≤ the budget,
-    # while the full logits would be 20× larger. (Weight-sized allocations are O(V·H),
-    # not logits: the oneDNN weight packing is left out; V·H is tiny here anyway.)
-    V, N, H = 1000, 200, 4
-    budget = 10 * V * 4
-    monkeypatch.setattr(tc, "LOGIT_BUDGET_BYTES", budget)
-    monkeypatch.setattr(tc, "USE_ONEDNN", onednn)
-    g = torch.Generator().manual_seed(8)
-    h = torch.randn(1, N, H, generator=g, requires_grad=True)
-    w = torch.randn(V, H, generator=g, requires_grad=True)
-    y = torch.randint(0, V, (1, N), generator=g)
-    with torch.no_grad():
-        old = token_logprobs(h, w, y, backend="torch") - 0.1
-    assert N * V * 4 >= 20 * budget
+def _torch_alloc_peak(fn) -> int:
+    """Peak bytes held by torch's CPU allocator during ``fn()`` above its start (profiler
+    memory events, in order): deterministic, unlike RSS."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 profile_memory=True) as prof:
-        loss, _ = fused_stable_reinforce_loss(h, w, y, old, torch.randn(1, N, generator=g),
-                                              torch.ones(1, N, dtype=torch.bool),
-                                              backend="torch", return_entropy=True)
+        fn()
+    cur = peak = 0
+    for e in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
+        if e.name() == "[memory]":
+            cur += e.nbytes()
+            peak = max(peak, cur)
+    return peak
+
+
+@pytest.mark.parametrize("entropy,filtered,temperature,bias", [
+    (False, False, 1.0, False), (True, False, 0.7, True), (False, True, 1.0, False)],
+    ids=["plain", "entropy-temp-bias", "filtered"])
+def test_fused_extra_memory_within_plan_and_budget(monkeypatch, entropy, filtered,
+                                                   temperature, bias):
+    # The fused fwd+bwd's peak allocation beyond the gradients stays within the chunk
+    # plan's total, which stays within the budget, while full logits are 16x the budget.
+    monkeypatch.setattr(tc, "MAX_CHUNK_ROWS", None)
+    budget = 2 << 20
+    monkeypatch.setattr(tc, "EXTRA_BUDGET_BYTES", budget)
+    monkeypatch.setattr(chunk_plan, "RESERVE_BYTES", 0)  # no BLAS buffers in torch's count
+    N, H, V = 1024, 96, 8192
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(V, H, generator=g) / H ** 0.5
+    y = torch.randint(0, V, (1, N), generator=g)
+    # Filtered: a peaked softmax, so few columns survive and the gathered path runs.
+    h = torch.randn(1, N, H, generator=g) * (0.3 if filtered else 1.0) + (20.0 * w[y] if filtered else 0.0)
+    b = torch.randn(V, generator=g) * 0.1 if bias else None
+    with torch.no_grad():
+        old = token_logprobs(h, w, y, bias=b, backend="torch", temperature=temperature) - 0.05
+    adv, mask = torch.randn(1, N, generator=g), torch.ones(1, N, dtype=torch.bool)
+    hh, ww, bb = leaf(h, w, b)
+    assert N * V * 4 >= 16 * budget
+
+    def step():
+        loss, _ = fused_stable_reinforce_loss(hh, ww, y, old, adv, mask, bias=bb,
+                                              backend="torch", return_entropy=entropy,
+                                              temperature=temperature,
+                                              filter_eps="auto" if filtered else None)
         loss.backward()
-        token_logprobs(h, w, y, backend="torch", return_entropy=True)[0].sum().backward()
-    sizes = [e.cpu_memory_usage for e in prof.events()
-             if "reorder_linear_weight" not in e.name]
-    assert max(sizes) <= budget, f"largest single allocation {max(sizes)} B > budget {budget} B"
-    assert budget in sizes, "the profiler did not see the chunk buffer: the test is blind"
-    assert tc.rows_per_chunk(N, V) * V * 4 <= budget
+    step()  # warm-up: lazily created state is not part of a call's peak
+    for x in (hh, ww, bb):
+        if x is not None:
+            x.grad = None
+    peak = _torch_alloc_peak(step)
+    grads = sum(x.grad.nbytes for x in (hh, ww, bb) if x is not None)
+    if filtered:
+        grads -= ww.grad.nbytes  # lazily zeroed mapping: not torch's allocator
+        assert (ww.grad != 0).any(1).sum() < V // 4, "the filtered path did not run"
+    p = chunk_plan.plan(N, H, V, entropy=entropy, filtered=filtered, bias=bias,
+                        tau_scaled=temperature != 1.0, budget=budget)
+    assert p.rows > 1 and p.rows < N, p
+    assert p.total <= budget, p.temporaries
+    assert peak - grads <= p.total, (
+        f"measured {peak - grads} B beyond the gradients > planned {p.total} B: "
+        f"{p.temporaries}")
+    assert peak - grads >= 4 * p.rows * V, "the profiler missed the logit chunk: test is blind"
+
+
+@pytest.mark.parametrize("N", [1, 256, 4096, 65536])
+@pytest.mark.parametrize("H,V", [(128, 65536), (4096, 151936), (64, 4_000_000)])
+def test_chunk_plan_fits_the_budget_at_any_n(N, H, V):
+    for kw in (dict(), dict(entropy=True, bias=True, tau_scaled=True), dict(filtered=True),
+               dict(in_bytes=2, grads=False)):
+        p = chunk_plan.plan(N, H, V, **kw)
+        assert p.total <= chunk_plan.EXTRA_BUDGET_BYTES - chunk_plan.RESERVE_BYTES \
+            or p.rows == 1, (N, H, V, kw, p.temporaries)
+        assert 1 <= p.rows <= N
 
 
 def _peaked_case(N, H, V, seed=9):
@@ -382,7 +426,7 @@ def _peaked_case(N, H, V, seed=9):
 
 
 def test_filtered_gradients_within_bf16_tolerance_and_skip_columns(monkeypatch):
-    monkeypatch.setattr(tc, "LOGIT_BUDGET_BYTES", 64 << 20)
+    monkeypatch.setattr(tc, "MAX_CHUNK_ROWS", None)
     N, H, V = 48, 64, 4000
     h, w, y, g = _peaked_case(N, H, V)
     mask = torch.ones(1, N, dtype=torch.bool)
@@ -415,22 +459,44 @@ def test_filtered_gradients_within_bf16_tolerance_and_skip_columns(monkeypatch):
 
 
 # ------------------------------------------------------------- CPU GEMM engine choice
-def test_auto_gemm_uses_numpy_blas_above_threshold_with_torch_thread_count(monkeypatch):
-    # "auto" sends large logits GEMMs to numpy's BLAS, run on torch's thread count, and
-    # gives the same values as torch.mm; small ones stay on torch.mm.
-    monkeypatch.setattr(tc, "USE_ONEDNN", False)
+def test_cpu_blas_engine_measured_once_and_cached(monkeypatch, tmp_path):
+    # "auto" measures both engines on first use of a shape class, stores the winner under
+    # this machine's key and reuses it (no second measurement, also in a new process);
+    # the environment variable forces an engine without measuring.
+    monkeypatch.setenv("R1REWARD_CACHE", str(tmp_path))
+    monkeypatch.setenv(cpu_blas.ENV, "auto")
+    monkeypatch.setattr(cpu_blas, "_memo", {})
+    monkeypatch.setattr(cpu_blas, "PROBE_MACS", 1 << 16)
+    calls = []
+    real = cpu_blas.measure
+    monkeypatch.setattr(cpu_blas, "measure", lambda *a: calls.append(a) or real(*a))
+    assert cpu_blas.engine(16, 100, 4) == "torch" and not calls  # below MIN_MACS
+    monkeypatch.setattr(cpu_blas, "MIN_MACS", 1)
+    e = cpu_blas.engine(64, 3000, 8)
+    assert e in cpu_blas.ENGINES and len(calls) == 1
+    assert cpu_blas.engine(60, 3100, 8) == e and len(calls) == 1  # same shape class
+    monkeypatch.setattr(cpu_blas, "_memo", {})
+    assert cpu_blas.engine(64, 3000, 8) == e and len(calls) == 1  # read back from the file
+    data = json.loads((tmp_path / cpu_blas.CACHE_FILE).read_text())
+    entry = data[cpu_blas.machine_key()][cpu_blas.shape_class(64, 3000, 8)]
+    assert entry["engine"] == e and entry["torch_s"] > 0 and entry["numpy_s"] > 0
+    for forced in cpu_blas.ENGINES:
+        monkeypatch.setenv(cpu_blas.ENV, forced)
+        assert cpu_blas.engine(1 << 12, 1 << 17, 1 << 10) == forced and len(calls) == 1
+    monkeypatch.setenv(cpu_blas.ENV, "mkl")
+    with pytest.raises(ValueError, match=cpu_blas.ENV):
+        cpu_blas.engine(64, 3000, 8)
+
+
+def test_numpy_engine_runs_on_torch_thread_count_and_matches(monkeypatch):
     h, w, b, y, *_ = make_inputs(2, 7, 16)
     seen = []
-    real = tc._numpy_blas_threads
-    monkeypatch.setattr(tc, "_numpy_blas_threads", lambda n: seen.append(n) or real(n))
-    monkeypatch.setattr(tc, "CPU_BLAS", "torch")
+    real = cpu_blas.numpy_threads
+    monkeypatch.setattr(cpu_blas, "numpy_threads", lambda n: seen.append(n) or real(n))
+    monkeypatch.setenv(cpu_blas.ENV, "torch")
     expected = token_logprobs(h, w, y, bias=b, backend="torch", temperature=0.7)
     assert not seen
-    monkeypatch.setattr(tc, "CPU_BLAS", "auto")
-    monkeypatch.setattr(tc, "NUMPY_GEMM_MIN_MACS", 1 << 40)
-    token_logprobs(h, w, y, bias=b, backend="torch", temperature=0.7)
-    assert not seen, "a small GEMM went to numpy"
-    monkeypatch.setattr(tc, "NUMPY_GEMM_MIN_MACS", 1)
+    monkeypatch.setenv(cpu_blas.ENV, "numpy")
     got = token_logprobs(h, w, y, bias=b, backend="torch", temperature=0.7)
     assert seen and set(seen) == {torch.get_num_threads()}
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -438,11 +504,11 @@ def test_auto_gemm_uses_numpy_blas_above_threshold_with_torch_thread_count(monke
 
 def test_numpy_blas_threads_follow_torch_setting():
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    blas = threadpoolctl.ThreadpoolController().select(internal_api="openblas")
+    blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
     if not blas.lib_controllers:
-        pytest.skip("numpy here is not built on OpenBLAS")
+        pytest.skip("numpy here has no BLAS threadpoolctl can control")
     before = [lib["num_threads"] for lib in blas.info()]
-    with tc._numpy_blas_threads(1):
+    with cpu_blas.numpy_threads(1):
         assert [lib["num_threads"] for lib in blas.info()] == [1] * len(before)
     assert [lib["num_threads"] for lib in blas.info()] == before
 
@@ -466,7 +532,7 @@ def test_filtered_weight_grad_touches_only_surviving_rows(monkeypatch):
     # In filtered mode the weight gradient is zero except for a few hundred vocab rows; it
     # must stay mostly unbacked memory. With transparent huge pages each scattered row
     # write would fault in a whole zeroed 2 MB page (measured: seconds at Qwen scale).
-    monkeypatch.setattr(tc, "LOGIT_BUDGET_BYTES", 64 << 20)
+    monkeypatch.setattr(tc, "MAX_CHUNK_ROWS", None)
     N, H, V = 32, 256, 16384  # ∂W is 16 MiB: 8 huge pages' worth
     h, w, y, g = _peaked_case(N, H, V)
     h.requires_grad_(True)
@@ -483,19 +549,3 @@ def test_filtered_weight_grad_touches_only_surviving_rows(monkeypatch):
     assert kb.get("AnonHugePages", 0) == 0, kb
     assert kb["Rss"] * 1024 < 0.25 * w.grad.nbytes, (
         f"{kb['Rss']} kB of the {w.grad.nbytes >> 10} kB weight gradient are resident")
-
-
-def test_openblas_sgemm_accumulates_and_ignores_garbage_when_not_accumulating():
-    # ∂W's first chunk writes into uninitialised memory (β = 0): NaN there must not leak.
-    sgemm = tc._openblas_sgemm()
-    if sgemm is None:
-        pytest.skip("numpy here is not built on OpenBLAS")
-    g = torch.Generator().manual_seed(3)
-    buf = torch.randn(9, 37, generator=g)
-    a = buf[:6]  # a chunk of the logits buffer: row stride 37, unit column stride
-    b = torch.randn(6, 5, generator=g)
-    c = torch.full((37, 5), float("nan"))
-    tc._sgemm_at_b(sgemm, a, b, c, accumulate=False)
-    torch.testing.assert_close(c, a.t() @ b, rtol=1e-5, atol=1e-5)
-    tc._sgemm_at_b(sgemm, a, b, c, accumulate=True)
-    torch.testing.assert_close(c, 2 * (a.t() @ b), rtol=1e-5, atol=1e-5)
