@@ -1,6 +1,6 @@
 """Print the sm_80 / sm_90 resource table of every Triton kernel (no GPU needed).
 
-Usage: ``python -m bench.compile_gate [--dtypes bf16,fp32] [--targets 80,90]``.
+Usage: ``python -m bench.compile_gate [--dtypes bf16,fp16,fp32] [--targets 80,90]``.
 Prints a table, then one JSON line per kernel; exits 1 if any kernel spills or exceeds
 the target's register / shared-memory limits.
 """
@@ -17,7 +17,7 @@ from r1reward.kernels import compile_gate as cg
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtypes", default="bf16,fp32", help="operand dtypes (bf16,fp32)")
+    ap.add_argument("--dtypes", default="bf16,fp16,fp32", help="operand dtypes (bf16,fp16,fp32)")
     ap.add_argument("--targets", default="80,90", help="compute capabilities (80,90)")
     args = ap.parse_args(argv)
     dtypes = tuple(d for d in args.dtypes.split(",") if d)

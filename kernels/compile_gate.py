@@ -35,8 +35,8 @@ _GATE_PKG = "_r1r_gate"
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 MAX_REGS = 255
 TARGETS = (80, 90)
-_TL = {"bf16": "bf16", "fp32": "fp32"}
-_TORCH = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_TL = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+_TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def load_kernel_module(name: str):
@@ -78,7 +78,19 @@ def _float_args(*names):
     return {n: "fp32" for n in names}
 
 
-def cases(cc: int, dtypes=("bf16", "fp32")) -> list[KernelCase]:
+def _variants(dt: str):
+    """``(name suffix, DOT_PREC, SCALE_DZ, kinds)`` per operand dtype: fp32 in both TF32
+    modes (torch's switch picks one at launch), fp16's backward with its ∂z scaling (its
+    forward is bf16's code with another load type, so only the backward is gated)."""
+    if dt == "fp32":
+        return [("fp32", "ieee", False, ("forward", "backward")),
+                ("fp32-tf32", "tf32", False, ("forward", "backward"))]
+    if dt == "fp16":
+        return [("fp16", "tf32", True, ("backward",))]
+    return [(dt, "tf32", False, ("forward", "backward"))]
+
+
+def cases(cc: int, dtypes=("bf16", "fp16", "fp32")) -> list[KernelCase]:
     """Every kernel variant the launchers can start, with that target's config."""
     fwd = load_kernel_module("triton_fwd")
     bwd = load_kernel_module("triton_bwd")
@@ -87,34 +99,40 @@ def cases(cc: int, dtypes=("bf16", "fp32")) -> list[KernelCase]:
     for dt in dtypes:
         t = _TL[dt]
         fc, bc = fwd.fwd_config(cc, _TORCH[dt]), bwd.bwd_config(cc, _TORCH[dt])
-        prec = "ieee" if dt == "fp32" else "tf32"
         ptypes = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "rows_ptr": "*i64",
                   "tgt_ptr": "*i64", "part_ptr": "*fp32", "n_rows": "i32", "V": "i32",
                   "H": "i32", "stride_h": "i32", "stride_w": "i32", "inv_temp": "fp32",
                   "tiles_per_split": "i32"}
         blocks = {k: fc[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
-        for label, bias, ent in (("forward", True, True), ("forward-plain", False, False)):
-            out.append(KernelCase(
-                f"{label}[{dt}]", fwd._fwd_partial_kernel, ptypes,
-                dict(HAS_BIAS=bias, ENTROPY=ent, DOT_PREC=prec, UPCAST_DOT=False, **blocks),
-                fc["num_warps"], fc["num_stages"],
-                divisible=("h_ptr", "w_ptr", "b_ptr", "rows_ptr", "tgt_ptr", "part_ptr", "H",
-                           "stride_h", "stride_w")))
         btypes = {"h_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "rows_ptr": "*i64",
                   "tgt_ptr": "*i64", "g_ptr": "*fp32", "lse_ptr": "*fp32", "dh_ptr": "*fp32",
                   "dw_ptr": "*fp32", "db_ptr": "*fp32", "n_rows": "i32", "V": "i32", "H": "i32",
                   "stride_h": "i32", "stride_w": "i32", "stride_dh": "i32", "stride_dw": "i32",
                   **_float_args("inv_temp", "filter_eps")}
         bblocks = {k: bc[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "GROUP")}
-        for label, filt in (("backward", False), ("backward-filtered", True)):
-            out.append(KernelCase(
-                f"{label}[{dt}]", bwd._bwd_kernel, btypes,
-                dict(HAS_BIAS=True, NEED_DH=True, NEED_DW=True, NEED_DB=True, FILTER=filt,
-                     DOT_PREC=prec, UPCAST_DOT=False, **bblocks),
-                bc["num_warps"], bc["num_stages"],
-                divisible=("h_ptr", "w_ptr", "b_ptr", "rows_ptr", "tgt_ptr", "g_ptr", "lse_ptr",
-                           "dh_ptr", "dw_ptr", "db_ptr", "H", "stride_h", "stride_w",
-                           "stride_dh", "stride_dw")))
+        for suffix, prec, scale_dz, kinds in _variants(dt):
+            labels = ((("forward", True, True), ("forward-plain", False, False))
+                      if "forward" in kinds else ())
+            for label, bias, ent in labels:
+                if label == "forward-plain" and suffix.endswith("-tf32"):
+                    continue  # the second TF32 mode: one forward variant is enough
+                out.append(KernelCase(
+                    f"{label}[{suffix}]", fwd._fwd_partial_kernel, ptypes,
+                    dict(HAS_BIAS=bias, ENTROPY=ent, DOT_PREC=prec, UPCAST_DOT=False, **blocks),
+                    fc["num_warps"], fc["num_stages"],
+                    divisible=("h_ptr", "w_ptr", "b_ptr", "rows_ptr", "tgt_ptr", "part_ptr",
+                               "H", "stride_h", "stride_w")))
+            blabels = ((("backward", False), ("backward-filtered", True))
+                       if suffix == dt else (("backward", False),))
+            for label, filt in blabels:
+                out.append(KernelCase(
+                    f"{label}[{suffix}]", bwd._bwd_kernel, btypes,
+                    dict(HAS_BIAS=True, NEED_DH=True, NEED_DW=True, NEED_DB=True, FILTER=filt,
+                         DOT_PREC=prec, UPCAST_DOT=False, SCALE_DZ=scale_dz, **bblocks),
+                    bc["num_warps"], bc["num_stages"],
+                    divisible=("h_ptr", "w_ptr", "b_ptr", "rows_ptr", "tgt_ptr", "g_ptr",
+                               "lse_ptr", "dh_ptr", "dw_ptr", "db_ptr", "H", "stride_h",
+                               "stride_w", "stride_dh", "stride_dw")))
     ctypes = {"part_ptr": "*fp32", "rows_ptr": "*i64", "n_rows": "i32", "n_splits": "i32",
               **{p: "*fp32" for p in ("lp_ptr", "lse_ptr", "ent_ptr", "old_ptr", "adv_ptr",
                                       "ref_ptr", "tw_ptr", "loss_ptr", "g_ptr")},
@@ -191,7 +209,7 @@ class GateRow:
         return p
 
 
-def run_gate(targets=TARGETS, dtypes=("bf16", "fp32")) -> list[GateRow]:
+def run_gate(targets=TARGETS, dtypes=("bf16", "fp16", "fp32")) -> list[GateRow]:
     rows = []
     for cc in targets:
         for case in cases(cc, dtypes):

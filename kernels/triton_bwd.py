@@ -19,6 +19,17 @@ Optional filtering (``FILTER``): a tile whose largest softmax-gradient entry
 entry and is skipped entirely (both GEMMs). The threshold is on the unscaled softmax
 gradient, like CCE, so it means the same thing whatever the loss weights are.
 
+fp16 operands: ``dz = g·(onehot − p)/τ`` is often ~1e-10 (small ``g``, small ``p``), far
+below fp16's smallest subnormal (6e-8), so a plain cast to fp16 would flush it to zero.
+With ``SCALE_DZ`` each tile is divided by its largest ``|dz|`` before the cast and both
+products are multiplied back in fp32 (entries below 2⁻²⁴ of the tile's largest are lost,
+the same relative resolution bf16 keeps by its exponent range; bf16 needs no scaling).
+
+Determinism: ``∂h`` and ``∂W`` (and ``∂bias``) are sums of fp32 atomic adds from many
+programs whose order the GPU scheduler picks, so on GPU they differ in the last bits
+between runs with identical inputs (the forward outputs, loss and log-probs, are
+deterministic). Use the "torch" backend where bitwise reproducibility is required.
+
 This module imports nothing from the package (see triton_fwd.py for why).
 """
 from __future__ import annotations
@@ -27,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import logit_tile
+from .triton_fwd import dot_precision, logit_tile
 
 # Why these: the dz tile (64×128 fp32) is 32 registers/thread at 8 warps and the two
 # partial products (dz·W: 64×BLOCK_H, dzᵀ·h: 128×BLOCK_H, fp32) live next to it; GROUP=8
@@ -65,7 +76,7 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, g_ptr, lse_ptr,
                 HAS_BIAS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
                 NEED_DB: tl.constexpr, FILTER: tl.constexpr, GROUP: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr, SCALE_DZ: tl.constexpr):
     pid = tl.program_id(0)
     n_nb = tl.cdiv(n_rows, BLOCK_N)
     n_vb = tl.cdiv(V, BLOCK_V)
@@ -101,6 +112,10 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, g_ptr, lse_ptr,
     if NEED_DH or NEED_DW:
         # Tensor-core operands in the input dtype; accumulation stays fp32. Relaxed atomics:
         # only atomicity is needed, no ordering with other memory traffic.
+        if SCALE_DZ:  # fp16: bring the tile to unit scale before the cast (see above)
+            amax = tl.max(tl.max(tl.abs(dz), axis=1), axis=0)
+            dz_scale = tl.where(amax > 0.0, amax, 1.0)
+            dz = dz / dz_scale
         dz_c = dz.to(h_ptr.dtype.element_ty)
         if UPCAST_DOT:
             dz_c = dz_c.to(tl.float32)  # keeps the bf16 rounding of dz, exact upcast
@@ -113,6 +128,8 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, g_ptr, lse_ptr,
                 if UPCAST_DOT:
                     wb = wb.to(tl.float32)
                 dh_part = tl.dot(dz_c, wb, input_precision=DOT_PREC)
+                if SCALE_DZ:
+                    dh_part = dh_part * dz_scale
                 tl.atomic_add(dh_ptr + rows[:, None] * stride_dh + offs_k[None, :], dh_part,
                               mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
             if NEED_DW:
@@ -121,6 +138,8 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, g_ptr, lse_ptr,
                 if UPCAST_DOT:
                     hb = hb.to(tl.float32)
                 dw_part = tl.dot(tl.trans(dz_c), hb, input_precision=DOT_PREC)
+                if SCALE_DZ:
+                    dw_part = dw_part * dz_scale
                 tl.atomic_add(dw_ptr + offs_v.to(tl.int64)[:, None] * stride_dw + offs_k[None, :],
                               dw_part, mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
 
@@ -153,8 +172,9 @@ def launch_backward(h, weight, bias, targets, g, lse, *, temperature, config,
         float(filter_eps) if filter_eps is not None else 0.0,
         HAS_BIAS=bias is not None, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
         FILTER=filter_eps is not None, GROUP=config["GROUP"], BLOCK_N=bn, BLOCK_V=bv,
-        BLOCK_H=config["BLOCK_H"], DOT_PREC="ieee" if h.dtype == torch.float32 else "tf32",
+        BLOCK_H=config["BLOCK_H"], DOT_PREC=dot_precision(h.dtype),
         # Interpreter only (its bf16 tl.dot is broken): see triton_fwd.upcast_dot.
         UPCAST_DOT=h.device.type != "cuda" and h.dtype != torch.float32,
+        SCALE_DZ=h.dtype == torch.float16,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     return dh, dw, db

@@ -77,9 +77,24 @@ def upcast_dot(t: torch.Tensor) -> bool:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 products (the torch reference does not use TF32 for
-    # matmul by default); bf16/fp16 tensor-core products are exact anyway.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """``tl.dot`` input precision: fp32 inputs follow torch's TF32 switch for matmuls
+    (``torch.backends.cuda.matmul``), as cuBLAS would; 16-bit products are exact anyway."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if tf32_enabled() else "ieee"
+
+
+def tf32_enabled() -> bool:
+    """torch's TF32 setting for CUDA matmuls, through whichever API set it (torch ≥ 2.9
+    refuses to read the legacy flag once the new one was used)."""
+    m = torch.backends.cuda.matmul
+    prec = getattr(m, "fp32_precision", None)
+    if prec in ("tf32", "ieee"):
+        return prec == "tf32"
+    try:
+        return bool(m.allow_tf32)
+    except RuntimeError:
+        return False
 
 
 @triton.jit
@@ -138,7 +153,8 @@ def _fwd_partial_kernel(h_ptr, w_ptr, b_ptr, rows_ptr, tgt_ptr, part_ptr,
         e = tl.exp(zc)
         if ENTROPY:
             # Rebase Σ e^{z-m}(z-m) onto the new max: no large-|z| cancellation later.
-            u = alpha * (u + s * (m - m_new)) + tl.sum(e * zc, axis=1)
+            # A −inf logit (e.g. from a bias) has p = 0 and contributes p·z = 0, not 0·−inf.
+            u = alpha * (u + s * (m - m_new)) + tl.sum(tl.where(e > 0.0, e * zc, 0.0), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
         zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)

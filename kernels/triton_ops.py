@@ -69,6 +69,12 @@ def _prep(h, weight, bias, targets, active):
             None if bias is None else bias.contiguous(), targets.contiguous(), rows)
 
 
+def _on_device(t: Tensor):
+    """Launch on ``t``'s GPU: Triton launches on the *current* CUDA device, which need not
+    be the one holding the tensors (e.g. cuda:1 tensors while cuda:0 is current)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _empty(h: Tensor) -> Tensor:
     return h.new_empty(0, dtype=torch.float32)
 
@@ -79,10 +85,11 @@ def _bwd_op(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, g: 
             lse: Tensor, temperature: float, filter_eps: float, need_dh: bool,
             need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     h, weight = h.contiguous(), weight.contiguous()
-    dh, dw, db = triton_bwd.launch_backward(
-        h, weight, bias, targets.contiguous(), g.contiguous(), lse.contiguous(),
-        temperature=temperature, config=_bwd_cfg(h), need_dh=need_dh, need_dw=need_dw,
-        need_db=need_db, filter_eps=filter_eps if filter_eps >= 0 else None)
+    with _on_device(h):
+        dh, dw, db = triton_bwd.launch_backward(
+            h, weight, bias, targets.contiguous(), g.contiguous(), lse.contiguous(),
+            temperature=temperature, config=_bwd_cfg(h), need_dh=need_dh, need_dw=need_dw,
+            need_db=need_db, filter_eps=filter_eps if filter_eps >= 0 else None)
     cast = lambda t, like: _empty(h) if t is None else t.to(like.dtype)  # noqa: E731
     return cast(dh, h), cast(dw, weight), cast(db, bias if bias is not None else h)
 
@@ -99,8 +106,10 @@ def _tlp_op(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
             temperature: float, ignore_index: int, need_lse: bool,
             want_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     h, weight, bias, targets, rows = _prep(h, weight, bias, targets, targets != ignore_index)
-    out = triton_fwd.launch_forward(h, weight, bias, targets, rows, temperature=temperature,
-                                    entropy=want_entropy, store_lse=need_lse, **_fwd_kwargs(h))
+    with _on_device(h):
+        out = triton_fwd.launch_forward(h, weight, bias, targets, rows, temperature=temperature,
+                                        entropy=want_entropy, store_lse=need_lse,
+                                        **_fwd_kwargs(h))
     return (out["lp"], out["lse"] if need_lse else _empty(h),
             out["entropy"] if want_entropy else _empty(h))
 
@@ -143,9 +152,10 @@ def _fused_op(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                      tok_w=f(tok_weight), preclip=(preclip_lo, preclip_hi) if use_preclip else None,
                      clip=(clip_lo, clip_hi), dual_clip=dual_c if use_dual else None,
                      kl_coef=kl_coef, kl_estimator=kl_estimator)
-    out = triton_fwd.launch_forward(h, weight, bias, targets, rows, temperature=temperature,
-                                    entropy=want_entropy, store_lse=True, loss_args=loss_args,
-                                    **_fwd_kwargs(h))
+    with _on_device(h):
+        out = triton_fwd.launch_forward(h, weight, bias, targets, rows, temperature=temperature,
+                                        entropy=want_entropy, store_lse=True,
+                                        loss_args=loss_args, **_fwd_kwargs(h))
     # loss_t is 0 off the active rows, so the weighted sum needs no extra mask.
     loss = (loss_args["tok_w"] * out["loss_t"]).sum()
     return (loss, out["lp"], out["entropy"] if want_entropy else _empty(h), out["g"], out["lse"])

@@ -19,14 +19,15 @@ def _report(rows):
 
 @pytest.mark.parametrize("cc", cg.TARGETS)
 def test_all_kernels_compile_without_spills(cc):
-    rows = cg.run_gate((cc,), ("bf16", "fp32"))
+    rows = cg.run_gate((cc,), ("bf16", "fp16", "fp32"))
     bad = [r for r in rows if r.problems]
     assert not bad, "kernels over the resource limits:\n" + _report(bad)
     names = {r.kernel for r in rows}
     # Every variant the launchers start is in the gate (forward, forward-only, epilogue, bwd).
     for must in ("forward[bf16]", "forward-plain[bf16]", "combine-forward-only",
                  "combine-fused-epilogue", "combine-logprobs", "backward[bf16]",
-                 "backward-filtered[bf16]", "forward[fp32]", "backward[fp32]"):
+                 "backward-filtered[bf16]", "forward[fp32]", "backward[fp32]",
+                 "forward[fp32-tf32]", "backward[fp32-tf32]", "backward[fp16]"):
         assert must in names, f"{must} missing from the gate: {sorted(names)}"
     assert all(0 < r.regs <= cg.MAX_REGS for r in rows), _report(rows)
 

@@ -147,6 +147,84 @@ def test_bf16_inputs_give_bf16_grads(ops):
         check(f"bf16 {label}", a, e, 5e-3, 5e-2)
 
 
+def test_fp16_tiny_softmax_gradient_is_not_flushed(ops):
+    # dz = g·(onehot − p) off the targets is ~1e-9 here (g = 1e-3, p ~ 1e-6 over 2 000
+    # tokens), below fp16's smallest subnormal (6e-8): cast as is it would be 0 and the
+    # non-target rows of ∂W would be 0. Scaled per tile, the fp32 gradient buffers keep
+    # fp16's relative accuracy (checked on the kernel's fp32 outputs: an fp16 ∂W of this
+    # size would itself be subnormal).
+    N, H, V = 9, 32, 2000
+    h, w, _, t, g = make(N, H, V, scale=0.1)
+    h = (h + 5.0 * w[t] * H ** 0.5).half()  # peaked: p_target ~0.9, most others < 3e-5
+    w = w.half()
+    gl = torch.full((N,), 1e-3)
+    z = h.double() @ w.double().T
+    lse = torch.logsumexp(z, -1)
+    p = torch.softmax(z, -1)
+    assert (gl[:, None] * p < 3e-8).float().mean() > 0.95, "the case must underflow fp16"
+    dz = gl[:, None].double() * (torch.nn.functional.one_hot(t, V).double() - p)
+    dh, dw, _ = ops.triton_bwd.launch_backward(
+        h, w, None, t, gl, lse.float(), temperature=1.0, config=ops._bwd_cfg(h),
+        need_db=False)
+    off = torch.ones(V, dtype=torch.bool)
+    off[t] = False
+    want_dw = dz.T @ h.double()
+    # Per non-target row of ∂W, relative error; rows within 1e-4 of the largest (below
+    # that, the tile-relative fp16 resolution ends). Unscaled: most of them are 0.
+    norm = want_dw.norm(dim=1)
+    rows = off & (norm > 1e-4 * norm[off].max())
+    rel = (dw.double() - want_dw).norm(dim=1)[rows] / norm[rows]
+    assert rows.sum() > 100 and rel.max() < 1e-2, f"{int(rows.sum())} rows, max rel err {rel.max():.3g}"
+    check("fp16 dh", dh, dz @ w.double(), 1e-2 * (dz @ w.double()).abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_minus_inf_bias_gives_finite_entropy_and_grads(ops, backend):
+    # A −inf logit (a banned token's bias) has p = 0 and contributes 0 to the entropy
+    # (p·log p → 0), never 0·(−inf) = NaN.
+    import r1reward.kernels as K
+    h, w, b, t, g = make(7, 16, 40, bias=True)
+    b = b.clone()
+    b[[3, 17]] = float("-inf")
+    t[t == 3] = 4
+    t[t == 17] = 5
+    hk, wk = leaves(h, w)
+    lp, ent = K.token_logprobs(hk, wk, t, bias=b, return_entropy=True, backend=backend)
+    lp.sum().backward()
+    z = h.double() @ w.double().T + b.double()
+    logp = torch.log_softmax(z, -1)
+    p = logp.exp()
+    want_ent = -(p * torch.where(p > 0, logp, 0.0)).sum(-1)
+    check(f"{backend} entropy", ent, want_ent, 2e-5, 1e-4)
+    check(f"{backend} lp", lp, logp.gather(1, t[:, None]).squeeze(1), 2e-5, 1e-4)
+    assert torch.isfinite(hk.grad).all() and torch.isfinite(wk.grad).all()
+    assert (wk.grad[[3, 17]] == 0).all()
+
+
+def test_fp32_dot_precision_follows_torch_tf32_switch(ops):
+    m = torch.backends.cuda.matmul
+    saved = m.fp32_precision
+    try:
+        m.fp32_precision = "tf32"
+        assert ops.triton_fwd.dot_precision(torch.float32) == "tf32"
+        m.fp32_precision = "ieee"
+        assert ops.triton_fwd.dot_precision(torch.float32) == "ieee"
+        assert ops.triton_fwd.dot_precision(torch.bfloat16) == "tf32"  # exact products anyway
+    finally:
+        m.fp32_precision = saved
+    # The backward launcher asks the same function (no hard-coded precision left).
+    assert ops.triton_bwd.dot_precision is ops.triton_fwd.dot_precision
+
+
+def test_launches_run_under_the_tensors_cuda_device(ops):
+    # Triton launches on the current CUDA device; the ops enter the tensors' device first.
+    class FakeTensor:
+        device = torch.device("cuda", 1)
+    guard = ops._on_device(FakeTensor())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(ops._on_device(torch.empty(0)), torch.cuda.device)
+
+
 @pytest.mark.parametrize("need", ["h", "weight"])
 def test_partial_requires_grad(ops, need):
     # Frozen lm_head (only ∂h) or frozen trunk (only ∂W): the other buffer is never made.
