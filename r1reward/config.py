@@ -56,6 +56,9 @@ class SFTConfig:
     batch_size: int = 16
     lr: float = 3e-3
     weight_decay: float = 0.0
+    # Seed of the cold start (example order, teacher coin flips); None = the run's --seed.
+    # Fixing it lets RL seeds share one cold start (r1reward.experiments does).
+    seed: int | None = None
 
 
 @dataclass

@@ -150,14 +150,15 @@ def cold_start(cfg: JobConfig, d: Dist, base_dir: Path, train_pairs: list) -> tu
     if not (cfg.sft.enabled and cfg.sft.steps > 0):
         return base_dir, {}
     result = None
+    seed = cfg.seed if cfg.sft.seed is None else cfg.sft.seed
     if d.is_main:
         from r1reward import sft
         if cfg.sft.data:
             examples, _ = sft.load_sft_file(cfg.sft.data)
             examples = examples[:cfg.sft.n_examples] if cfg.sft.n_examples > 0 else examples
         else:
-            examples = sft.examples_for(train_pairs, cfg.sft, cfg.seed)
-        result = sft.cold_start(base_dir, examples, cfg.sft, seed=cfg.seed, log=log.info)
+            examples = sft.examples_for(train_pairs, cfg.sft, seed)
+        result = sft.cold_start(base_dir, examples, cfg.sft, seed=seed, log=log.info)
     return broadcast(d, result)
 
 

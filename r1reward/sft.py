@@ -167,7 +167,9 @@ def _file_digest(path: Path, h) -> None:
 
 
 def cache_key(model_dir: Path, examples, cfg: SFTConfig, seed: int) -> str:
-    h = hashlib.sha256(f"v{SFT_VERSION}|{seed}|{json.dumps(vars(cfg), sort_keys=True)}".encode())
+    # ``seed`` is hashed as given; the config's own seed field only chooses it.
+    settings = {k: v for k, v in vars(cfg).items() if k != "seed"}
+    h = hashlib.sha256(f"v{SFT_VERSION}|{seed}|{json.dumps(settings, sort_keys=True)}".encode())
     for f in sorted(Path(model_dir).iterdir()):
         if f.is_file():
             _file_digest(f, h)

@@ -1,0 +1,190 @@
+"""``python -m r1reward.experiments stability``: the paper's stability claim in miniature.
+
+Each variant of the update (StableReinforce, plain Reinforce++, one ablation per part)
+runs RL for several seeds from one shared cold start, in a stress setting where updates
+are far off-policy (several mini-batches per rollout, several epochs, temperature 1.0, a
+high learning rate), with the health monitor off. A seed *collapses* when its loss or
+gradient is non-finite, its rollout format rate (mean of 5 steps) falls below 0.5, or its
+held-out accuracy falls 20 points below where it started.
+
+Writes ``summary.json``, ``summary.md`` (a table) and ``stability.png`` to ``--output``;
+each run's own directory is under ``runs/<variant>/seed<k>``. Finished runs are reused
+when the command is repeated with the same settings (so an interrupted sweep resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger("r1reward")
+
+# The update variants: flags added to the shared setting.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "stable_reinforce": (),
+    "reinforce_pp": ("--no-algo.preclip", "--algo.adv_filter", "off"),
+    "no_preclip": ("--no-algo.preclip",),
+    "no_filter": ("--algo.adv_filter", "off"),
+    "no_consistency": ("--reward.w_consistency", "0"),
+}
+
+# The stress setting: 4 optimizer steps per rollout for 2 epochs (steps 2-8 of each
+# rollout are off-policy), sampling at the release's temperature, a learning rate 10x the
+# tiny default's. Health monitor off: it is not part of the method.
+STRESS = ("--rollout.batch_size", "32", "--algo.train_batch_size", "8", "--algo.ppo_epochs", "2",
+          "--rollout.temperature", "1.0", "--optim.lr", "3e-3", "--optim.warmup_steps", "0",
+          "--no-health.enabled", "--no-checkpoint.export", "--checkpoint.interval", "0",
+          "--no-progress", "--sft.seed", "0")
+SIZES = {
+    # (RL steps, seeds, held-out pairs, evaluate every, cold-start SFT steps)
+    "quick": (30, 2, 64, 10, 1500),
+    "full": (80, 3, 128, 20, 3000),
+}
+CURVES = ("reward", "heldout_accuracy", "ratio_max", "preclip_frac", "clip_frac", "response_length")
+
+
+def collapse(rows: list[dict], before: float | None) -> str | None:
+    """Why (and at which step) a run collapsed, or None."""
+    fmt: list[float] = []
+    for r in rows:
+        for k in ("loss", "grad_norm"):
+            v = r.get(k)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                return f"step {r['step']}: non-finite {k}"
+        fmt = (fmt + [r["format_rate"]])[-5:]
+        if len(fmt) == 5 and sum(fmt) / 5 < 0.5:
+            return f"step {r['step']}: format rate {sum(fmt) / 5:.2f} (mean of 5) < 0.5"
+        held = r.get("heldout_accuracy")
+        if before is not None and isinstance(held, (int, float)) and held < before - 0.2:
+            return f"step {r['step']}: held-out {held:.3f} < {before:.3f} - 0.2"
+    return None
+
+
+def run_one(argv: list[str], run_dir: Path) -> dict:
+    """One training run (reused if already finished); returns its summary and rows."""
+    from r1reward.config import parse_args
+    from r1reward.job import run
+    summary_file = run_dir / "summary.json"
+    if not summary_file.exists():
+        extra = ["--overwrite"] if run_dir.exists() else []
+        run(parse_args([*argv, "--output", str(run_dir), *extra]))
+    summary = json.loads(summary_file.read_text())
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {"summary": summary, "rows": rows}
+
+
+def stability(out: Path, size: str, variants: list[str], seeds: int | None) -> dict:
+    steps, n_seeds, n_held, every, sft_steps = SIZES[size]
+    n_seeds = seeds or n_seeds
+    base = [*STRESS, "--steps", str(steps), "--data.n_heldout", str(n_held),
+            "--eval.every", str(every), "--sft.steps", str(sft_steps)]
+    setting = {"size": size, "steps": steps, "seeds": n_seeds, "heldout_pairs": n_held,
+               "sft_steps": sft_steps, "flags": list(base),
+               "variants": {v: list(VARIANTS[v]) for v in variants}}
+    result = {"setting": setting, "variants": {}}
+    for v in variants:
+        agg = {"seeds": n_seeds, "collapsed": 0, "collapse_reasons": [], "heldout_before": [],
+               "heldout_final": [], "ratio_max": [], "preclip_frac_mean": [],
+               "clip_frac_mean": [], "filtered_frac_mean": [], "reward_final10": [], "curves": []}
+        for seed in range(n_seeds):
+            log.info("stability: %s seed %d", v, seed)
+            r = run_one([*base, *VARIANTS[v], "--seed", str(seed)], out / "runs" / v / f"seed{seed}")
+            s, rows = r["summary"], r["rows"]
+            why = collapse(rows, s["heldout_accuracy_before"])
+            agg["collapsed"] += why is not None
+            agg["collapse_reasons"].append(why)
+            agg["heldout_before"].append(s["heldout_accuracy_before"])
+            agg["heldout_final"].append(s["heldout_accuracy_after"])
+            finite = [x["ratio_max"] for x in rows if isinstance(x["ratio_max"], (int, float))]
+            agg["ratio_max"].append(max(finite) if finite else None)
+            for k in ("preclip_frac", "clip_frac", "filtered_frac"):
+                agg[f"{k}_mean"].append(sum(x[k] for x in rows) / max(len(rows), 1))
+            tail = rows[-10:]
+            agg["reward_final10"].append(sum(x["reward"] for x in tail) / max(len(tail), 1))
+            agg["curves"].append({k: [x.get(k) for x in rows] for k in CURVES}
+                                 | {"step": [x["step"] for x in rows]})
+        result["variants"][v] = agg
+    (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "summary.md").write_text(table(result))
+    plot(result, out / "stability.png")
+    return result
+
+
+def _mean(xs) -> str:
+    xs = [x for x in xs if isinstance(x, (int, float))]
+    return f"{sum(xs) / len(xs):.3f}" if xs else "-"
+
+
+def table(result: dict) -> str:
+    s = result["setting"]
+    lines = [f"# Stability ({s['size']}): {s['steps']} RL steps x {s['seeds']} seeds per variant",
+             "", f"Shared setting: `{' '.join(s['flags'])}`", "",
+             "| variant | collapsed | held-out before | held-out final (per seed) | max ratio | "
+             "pre-clip frac | PPO-clip frac | filtered frac | reward (last 10) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, a in result["variants"].items():
+        finals = ", ".join(f"{x:.3f}" if isinstance(x, (int, float)) else "-" for x in a["heldout_final"])
+        ratio = max((x for x in a["ratio_max"] if isinstance(x, (int, float))), default=float("nan"))
+        lines.append(f"| {name} | {a['collapsed']}/{a['seeds']} | {_mean(a['heldout_before'])} | "
+                     f"{finals} | {ratio:.3g} | {_mean(a['preclip_frac_mean'])} | "
+                     f"{_mean(a['clip_frac_mean'])} | {_mean(a['filtered_frac_mean'])} | "
+                     f"{_mean(a['reward_final10'])} |")
+    reasons = [(n, r) for n, a in result["variants"].items() for r in a["collapse_reasons"] if r]
+    if reasons:
+        lines += ["", "Collapses:"] + [f"- {n}: {r}" for n, r in reasons]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    titles = {"reward": "reward", "heldout_accuracy": "held-out accuracy", "ratio_max": "max ratio (log)",
+              "preclip_frac": "pre-clip fraction", "clip_frac": "PPO-clip fraction",
+              "response_length": "response length"}
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, key in zip(axes.flat, CURVES):
+        for i, (name, a) in enumerate(result["variants"].items()):
+            for j, c in enumerate(a["curves"]):
+                pts = [(s, v) for s, v in zip(c["step"], c[key]) if isinstance(v, (int, float))]
+                if pts:
+                    ax.plot(*zip(*pts), color=f"C{i}", lw=1, alpha=0.8,
+                            marker="o" if key == "heldout_accuracy" else None, ms=3,
+                            label=name if j == 0 else None)
+        ax.set_title(titles[key], fontsize=10)
+        ax.set_xlabel("RL step")
+        if key == "ratio_max":
+            ax.set_yscale("log")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m r1reward.experiments", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="experiment", required=True)
+    st = sub.add_parser("stability", help="StableReinforce vs Reinforce++ and ablations, several seeds")
+    st.add_argument("--output", required=True, help="directory for summary.json/md, the plot and runs")
+    st.add_argument("--quick", action="store_true", help="2 seeds x 30 steps (about 15 min on 2 cores)")
+    st.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated subset of {','.join(VARIANTS)}")
+    st.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: by size)")
+    a = p.parse_args(argv)
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        p.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    from r1reward.job import setup_logging
+    from r1reward.parallelize import Dist
+    setup_logging(Dist())
+    result = stability(out, "quick" if a.quick else "full", variants, a.seeds)
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
