@@ -53,6 +53,13 @@ class SFTConfig:
     # noise distilled judgments carry, and what RL's outcome reward has to correct.
     guess_rate: float = 0.7
     guess_on: str = "triangle"  # comma list of question kinds or shapes it guesses on; "" = all
+    # Where the cold-start traces come from: "templated" (every pair, the careless teacher
+    # above optional) or "distill" (r1reward.teacher: a teacher with per-kind skill gets up
+    # to teacher_k attempts per pair; first-try correct traces are the SFT set, the rest
+    # the RL set; with probability teacher_slip its answer contradicts its analysis).
+    teacher: str = "templated"
+    teacher_k: int = 4
+    teacher_slip: float = 0.15
     batch_size: int = 16
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -349,6 +356,10 @@ def validate(cfg: JobConfig) -> JobConfig:
          "need steps >= 0, batch_size >= 1, lr > 0")
     need(0 <= s.guess_rate <= 1, "sft.guess_rate", "must be in [0, 1]")
     need(s.n_examples >= 0, "sft.n_examples", "must be >= 0 (0 = every training pair)")
+    need(s.teacher in ("templated", "distill"), "sft.teacher",
+         f"{s.teacher!r}; choose from templated|distill")
+    need(s.teacher_k >= 1, "sft.teacher_k", "must be >= 1")
+    need(0 <= s.teacher_slip <= 1, "sft.teacher_slip", "must be in [0, 1]")
     path("sft.data", s.data)
     need(dt.n_train >= 1 and dt.n_heldout >= 0, "data.n_train/n_heldout",
          "need n_train >= 1, n_heldout >= 0")

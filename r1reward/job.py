@@ -145,21 +145,40 @@ def base_model_dir(cfg: JobConfig, d: Dist) -> Path:
     return default_model_dir()
 
 
-def cold_start(cfg: JobConfig, d: Dist, base_dir: Path, train_pairs: list) -> tuple[Path, dict]:
-    """SFT before RL (cached by a hash of its inputs; rank 0 trains, the others wait)."""
+def cold_start(cfg: JobConfig, d: Dist, base_dir: Path, train_pairs: list
+               ) -> tuple[Path, dict, list]:
+    """SFT before RL (cached by a hash of its inputs; rank 0 trains, the others wait).
+
+    Returns (the policy's starting checkpoint, cold-start info, the RL training pairs):
+    with ``--sft.teacher distill`` the RL pairs are those the teacher did not solve on its
+    first attempt (SPEC §4's progressive difficulty); otherwise all of them."""
     if not (cfg.sft.enabled and cfg.sft.steps > 0):
-        return base_dir, {}
+        return base_dir, {}, train_pairs
     result = None
     seed = cfg.seed if cfg.sft.seed is None else cfg.sft.seed
     if d.is_main:
         from r1reward import sft
+        rl_ids, teacher_stats = None, None
         if cfg.sft.data:
             examples, _ = sft.load_sft_file(cfg.sft.data)
-            examples = examples[:cfg.sft.n_examples] if cfg.sft.n_examples > 0 else examples
+        elif cfg.sft.teacher == "distill":
+            from r1reward.teacher import distill
+            dist_out = distill(train_pairs, cfg.sft.teacher_k, slip=cfg.sft.teacher_slip, seed=seed)
+            examples, teacher_stats = dist_out.sft, dist_out.stats
+            rl_ids = {p.id for p in dist_out.rl}
+            log.info("teacher: %d first-try traces for SFT (%.1f %% inconsistent), %d pairs for RL",
+                     len(examples), 100 * teacher_stats["sft_inconsistent_rate"], len(rl_ids))
         else:
             examples = sft.examples_for(train_pairs, cfg.sft, seed)
-        result = sft.cold_start(base_dir, examples, cfg.sft, seed=seed, log=log.info)
-    return broadcast(d, result)
+        if cfg.sft.data or cfg.sft.teacher == "distill":
+            examples = examples[:cfg.sft.n_examples] if cfg.sft.n_examples > 0 else examples
+        init_dir, info = sft.cold_start(base_dir, examples, cfg.sft, seed=seed, log=log.info)
+        if teacher_stats is not None:
+            info["teacher"] = teacher_stats
+        result = (init_dir, info, rl_ids)
+    init_dir, info, rl_ids = broadcast(d, result)
+    rl_pairs = [p for p in train_pairs if p.id in rl_ids] if rl_ids else train_pairs
+    return init_dir, info, rl_pairs
 
 
 def run(cfg: JobConfig) -> dict | None:
@@ -184,7 +203,8 @@ def run(cfg: JobConfig) -> dict | None:
     seed_all(cfg.seed)
     train_pairs, held_pairs, data_info = prepare_data(cfg, d, out)
     base_dir = base_model_dir(cfg, d)
-    init_dir, sft_info = cold_start(cfg, d, base_dir, train_pairs)
+    init_dir, sft_info, train_pairs = cold_start(cfg, d, base_dir, train_pairs)
+    data_info["n_rl"] = len(train_pairs)
     seed_all(cfg.seed * 1000 + d.rank)  # rollouts differ per rank, reproducibly
     trainer = Trainer(cfg, d, out, train_pairs, held_pairs, init_dir, Progress(sft=sft_info),
                       data_info)

@@ -437,6 +437,7 @@ class Trainer:
             "reward_consistency": rw.consistency.mean().item(),
             "accuracy": rw.result.mean().item(), "format_rate": rw.format.mean().item(),
             "consistency_rate": (rw.consistency > 0).float().mean().item(),
+            "inconsistent_rate": (rw.consistency < 0).float().mean().item(),
             "judge_failures": rw.judge_failures, "parse_failures": rw.parse_failures,
             "kl": ((kl_per_token(old_lp, ref_lp, "k1") * m).sum() / m.sum().clamp_min(1)).item(),
             "preclip_frac": upd.stats["preclip_frac"], "clip_frac": upd.stats["clip_frac"],
