@@ -176,7 +176,9 @@ def parse_args(argv=None):
     ap.add_argument("--swap", action="store_true", help="also judge with the chosen response second")
     ap.add_argument("--limit", type=int, default=None, help="first N items only")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help=f"default: {RELEASE_MAX_NEW_TOKENS} (the release's length) for a real "
+                         f"checkpoint, {TINY_MAX_NEW_TOKENS} for the embedded tiny model and its exports")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n-heldout", type=int, default=DataConfig.n_heldout)
@@ -191,9 +193,27 @@ def parse_args(argv=None):
     return a
 
 
+TINY_MAX_NEW_TOKENS = 256
+RELEASE_MAX_NEW_TOKENS = 4096  # the release evaluates with long analyses (SPEC §3)
+
+
+def default_max_new_tokens(model_dir) -> int:
+    """The release's generation length for a real checkpoint; short judgments for the
+    embedded tiny model (text width <= 256) and what is trained from it."""
+    if model_dir is None:
+        return TINY_MAX_NEW_TOKENS
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(model_dir)
+    hidden = getattr(cfg.get_text_config(), "hidden_size", None) or 0
+    return TINY_MAX_NEW_TOKENS if hidden <= 256 else RELEASE_MAX_NEW_TOKENS
+
+
 def main(argv=None, judge=None) -> dict:
     """Run the harness; ``judge`` lets tests inject a scripted RewardJudge."""
     a = parse_args(argv)
+    if a.max_new_tokens is None:
+        a.max_new_tokens = default_max_new_tokens(a.model)
+        print(f"--max-new-tokens {a.max_new_tokens} (default for this checkpoint)", file=sys.stderr)
     t0 = time.time()
     load = load_items(a.bench, a.data, a.images, a.n_heldout, a.seed, kinds=a.kinds)
     items = load.items[:a.limit] if a.limit else load.items

@@ -116,3 +116,13 @@ def test_pairs_bench_reads_generated_heldout(tmp_path):
     # chosen is the preferred response whichever slot it had in the file
     rows = [json.loads(l) for l in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(r["correct"] == (r["order"] == "chosen_first") for r in rows)
+
+
+def test_real_checkpoints_default_to_the_release_generation_length(tiny_dir, tmp_path):
+    from transformers import Qwen2_5_VLConfig
+
+    from r1reward.eval import default_max_new_tokens
+    assert default_max_new_tokens(None) == 256 and default_max_new_tokens(tiny_dir) == 256
+    Qwen2_5_VLConfig(text_config=dict(hidden_size=3584, num_attention_heads=28,
+                                      num_key_value_heads=4)).save_pretrained(tmp_path / "big")
+    assert default_max_new_tokens(tmp_path / "big") == 4096
