@@ -37,6 +37,8 @@ def measure(spec: dict) -> dict:
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     dev = torch.device(p.device)
+    if "tf32" in spec and dev.type == "cuda":  # torch's switch, which our kernels follow too
+        set_tf32(bool(spec["tf32"]))
     row = {"method": method, "mode": MODES.get(method), "status": "ok", **_context(dev)}
     why = unavailable(method, dev)
     if why:
@@ -99,6 +101,15 @@ def measure(spec: dict) -> dict:
         from r1reward.kernels import cpu_blas
         row["cpu_blas"] = ",".join(sorted(set(cpu_blas._memo.values()))) or cpu_blas.setting()
     return row
+
+
+def set_tf32(on: bool) -> None:
+    """TF32 for fp32 CUDA matmuls, through the API this torch has (≥ 2.9: fp32_precision)."""
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        m.fp32_precision = "tf32" if on else "ieee"
+    else:
+        m.allow_tf32 = on
 
 
 def _median_or_none(xs):

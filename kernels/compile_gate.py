@@ -209,10 +209,13 @@ class GateRow:
         return p
 
 
-def run_gate(targets=TARGETS, dtypes=("bf16", "fp16", "fp32")) -> list[GateRow]:
+def run_gate(targets=TARGETS, dtypes=("bf16", "fp16", "fp32"), only=None) -> list[GateRow]:
+    """Compile and measure every case (``only``: a filter on case names)."""
     rows = []
     for cc in targets:
         for case in cases(cc, dtypes):
+            if only is not None and not only(case.name):
+                continue
             k = compile_case(case, cc)
             use = resource_usage(k.asm["cubin"])
             rows.append(GateRow(case.name, cc, use["REG"], use["SHARED"], int(k.metadata.shared),
