@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 from pathlib import Path
 
-log = logging.getLogger("r1reward")
+from r1reward.log import logger as log
+from r1reward.log import setup_logging
 
 # The update variants: flags added to the shared setting.
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -179,9 +179,7 @@ def main(argv=None) -> None:
         p.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
-    from r1reward.job import setup_logging
-    from r1reward.parallelize import Dist
-    setup_logging(Dist())
+    setup_logging()
     result = stability(out, "quick" if a.quick else "full", variants, a.seeds)
     print(table(result))
 

@@ -7,10 +7,8 @@ rank 0 builds what is cached (data, tiny model, cold start) and the others wait.
 from __future__ import annotations
 
 import json
-import logging
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +17,10 @@ import torch.distributed as dist
 
 from r1reward.config import ConfigError, JobConfig, default_output_dir, merge_for_resume
 from r1reward.data import load_pairs
+from r1reward.log import logger as log
+from r1reward.log import setup_logging
 from r1reward.parallelize import Dist, barrier, init_distributed
 from r1reward.trainer import Progress, Trainer
-
-log = logging.getLogger("r1reward")
-
-
-def setup_logging(d: Dist) -> None:
-    """One logger for the package: rank 0 prints info to stderr, other ranks warnings."""
-    root = logging.getLogger("r1reward")
-    if not any(getattr(h, "_r1reward", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._r1reward = True
-        root.addHandler(handler)
-        root.propagate = False
-    root.setLevel(logging.INFO if d.is_main else logging.WARNING)
 
 
 def broadcast(d: Dist, obj):
@@ -184,7 +170,7 @@ def cold_start(cfg: JobConfig, d: Dist, base_dir: Path, train_pairs: list
 def run(cfg: JobConfig) -> dict | None:
     """The whole job; returns the summary (None when stopped by ``--stop_after``)."""
     d = init_distributed(cfg.parallel.fsdp)
-    setup_logging(d)
+    setup_logging(d.is_main)
     check_world(cfg, d)
     out = Path(broadcast(d, str(cfg.output or default_output_dir())))
     cfg.output = str(out)

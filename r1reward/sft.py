@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import random
 import time
@@ -35,6 +36,8 @@ from r1reward.generation import build_prompt_inputs
 from r1reward.logprobs import FusedLMHead, SeqBatch, build_seq_batch, sft_loss
 from r1reward.model import load_model_and_processor
 from r1reward.tiny import default_model_dir
+
+logger = logging.getLogger(__name__)
 
 SFT_VERSION = 1  # bump when the recipe changes, so stale caches are not reused
 
@@ -124,8 +127,9 @@ def make_batch(processor, examples: list[tuple[PreferencePair, str]], device) ->
     return build_seq_batch(prompt, seqs, prompt["input_ids"].shape[1], mask.to(device))
 
 
-def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=print) -> list[float]:
+def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=None) -> list[float]:
     """Plain AdamW SFT (cosine LR) on the fused log-prob path; returns per-step losses."""
+    log = log or logger.info
     FusedLMHead.install(model, backend="auto")
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -151,7 +155,7 @@ def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=pri
         opt.step()
         sched.step()
         losses.append(loss.item())
-        if log and (step % 10 == 0 or step == cfg.steps - 1):
+        if step % max(10, cfg.steps // 30) == 0 or step == cfg.steps - 1:
             log(f"sft step {step + 1}/{cfg.steps} loss {losses[-1]:.4f}")
     model.eval()
     return losses
@@ -179,10 +183,10 @@ def cache_key(model_dir: Path, examples, cfg: SFTConfig, seed: int) -> str:
     return h.hexdigest()[:16]
 
 
-def cold_start(model_dir, examples, cfg: SFTConfig, seed: int = 0, log=print,
+def cold_start(model_dir, examples, cfg: SFTConfig, seed: int = 0, log=None,
                cache: Path | None = None) -> tuple[Path, dict]:
     """SFT ``model_dir`` on ``examples`` once; returns (HF dir of the result, info)."""
-    log = log or (lambda msg: None)
+    log = log or logger.info
     model_dir = Path(model_dir) if model_dir else default_model_dir()
     key = cache_key(model_dir, examples, cfg, seed)
     out = (cache or cache_root()) / "sft" / key
@@ -229,6 +233,8 @@ def main(argv=None) -> None:
                    help='question kinds or shapes the careless teacher guesses on ("" = all)')
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    from r1reward.log import setup_logging
+    setup_logging()
     cfg = SFTConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_examples=a.n_examples,
                     guess_rate=a.guess_rate, guess_on=a.guess_on)
     if a.data:

@@ -11,7 +11,6 @@ of skips and rollbacks) survives a rollback, by design.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import sys
 import time
@@ -25,12 +24,11 @@ from r1reward.checkpoint import Checkpointer, CorruptCheckpoint
 from r1reward.config import JobConfig
 from r1reward.health import Action, Decision, HealthMonitor
 from r1reward.kernels import StableReinforceLoss
+from r1reward.log import logger as log
 from r1reward.logprobs import FusedLMHead, micro_batches, policy_loss, sequence_logprobs
 from r1reward.metrics import MetricsLogger, plot_training_curves
 from r1reward.parallelize import Dist, all_reduce_sum, parallelize
 from r1reward.rewards import compute_rewards
-
-log = logging.getLogger("r1reward")
 
 # Per-step fields that depend on wall time (everything else must be reproducible).
 TIMING_KEYS = ("time_rollout", "time_logprobs", "time_update", "time_step", "tokens_per_s")
