@@ -98,7 +98,7 @@ def tf32_state() -> dict:
 
 _SMI_FIELDS = ("name", "driver_version", "clocks.sm", "clocks.max.sm", "clocks.mem",
                "clocks.max.mem", "power.draw", "power.limit", "temperature.gpu",
-               "persistence_mode", "clocks_event_reasons.active")
+               "persistence_mode")
 
 
 def nvidia_smi() -> dict:
