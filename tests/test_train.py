@@ -82,9 +82,9 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     assert "heldout_accuracy" in rows(tmp_path / "full")[1]
 
 
-def test_grad_spike_rolls_back_with_lower_lr(tmp_path, monkeypatch):
-    # The first step's grad norm is 1, every later one 1e9 (a spike): step 2 is retried
-    # from the step-1 checkpoint with a halved LR each time until max_rollbacks is hit.
+@pytest.fixture
+def spiking_grads(monkeypatch):
+    """The first optimizer step's grad norm reads 1, every later one 1e9 (a spike)."""
     import r1reward.trainer as train_mod
     real, calls = train_mod.grad_norm_and_clip, []
 
@@ -93,6 +93,11 @@ def test_grad_spike_rolls_back_with_lower_lr(tmp_path, monkeypatch):
         calls.append(1)
         return 1.0 if len(calls) == 1 else 1e9
     monkeypatch.setattr(train_mod, "grad_norm_and_clip", fake)
+
+
+def test_grad_spike_rolls_back_with_lower_lr(tmp_path, spiking_grads):
+    # Step 2 is retried from the step-1 checkpoint with a halved LR each time until
+    # max_rollbacks is hit.
     out = tmp_path / "run"
     summary = run(parse_args(tiny_args(
         out, "--steps", "4", "--checkpoint.interval", "1", "--no-eval.enabled",
@@ -235,15 +240,7 @@ def test_stable_reinforce_parts_switch_off():
     assert loss_off.item() == pytest.approx(math.exp(10.0)) and loss_on.item() == pytest.approx(1e3)
 
 
-def test_health_monitor_off_applies_every_update(tmp_path, monkeypatch):
-    import r1reward.trainer as train_mod
-    real, calls = train_mod.grad_norm_and_clip, []
-
-    def fake(model, max_norm):
-        real(model, max_norm)
-        calls.append(1)
-        return 1.0 if len(calls) == 1 else 1e9
-    monkeypatch.setattr(train_mod, "grad_norm_and_clip", fake)
+def test_health_monitor_off_applies_every_update(tmp_path, spiking_grads):
     out = tmp_path / "run"
     summary = run(parse_args(tiny_args(
         out, "--steps", "3", "--no-health.enabled", "--health.min_history", "1",
