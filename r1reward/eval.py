@@ -211,9 +211,6 @@ def default_max_new_tokens(model_dir) -> int:
 def main(argv=None, judge=None) -> dict:
     """Run the harness; ``judge`` lets tests inject a scripted RewardJudge."""
     a = parse_args(argv)
-    if a.max_new_tokens is None:
-        a.max_new_tokens = default_max_new_tokens(a.model)
-        print(f"--max-new-tokens {a.max_new_tokens} (default for this checkpoint)", file=sys.stderr)
     t0 = time.time()
     load = load_items(a.bench, a.data, a.images, a.n_heldout, a.seed, kinds=a.kinds)
     items = load.items[:a.limit] if a.limit else load.items
@@ -227,6 +224,9 @@ def main(argv=None, judge=None) -> dict:
         print(f"skipped {ref}: {why}", file=sys.stderr)
     if judge is None:
         from .judge import RewardJudge
+        if a.max_new_tokens is None:  # read from the checkpoint only when it is loaded
+            a.max_new_tokens = default_max_new_tokens(a.model)
+            print(f"--max-new-tokens {a.max_new_tokens} (default for this checkpoint)", file=sys.stderr)
         judge = RewardJudge.from_pretrained(a.model, device=a.device, max_new_tokens=a.max_new_tokens,
                                             temperature=a.temperature, max_batch=a.batch_size)
     orders = B.ORDERS if a.swap else B.ORDERS[:1]
