@@ -134,6 +134,7 @@ def resources(ctx: Context, emit) -> str:
 # (label, method, case, tf32): the list; the filtered ones also on an LM-like case.
 TIMED = (("3gemm", "3gemm", "random", False), ("ours exact", "r1reward-triton", "random", False),
          ("ours filtered", "r1reward-triton-filtered", "random", False),
+         ("ours row-chunked exact", "r1reward-rows", "random", False),
          ("cce exact", "cce", "random", False), ("cce filtered", "cce-filtered", "random", False),
          ("liger tf32 off", "liger", "random", False), ("liger tf32 on", "liger", "random", True),
          ("ours filtered (peaked)", "r1reward-triton-filtered", "peaked", False),

@@ -17,12 +17,14 @@ import torch
 MODES = {"3gemm": "bound", "naive": "exact", "reference": "exact",
          "r1reward-torch": "exact", "r1reward-torch-filtered": "filtered",
          "r1reward-triton": "exact", "r1reward-triton-filtered": "filtered",
+         "r1reward-rows": "exact",
          "liger": "exact", "cce": "exact", "cce-filtered": "filtered"}
 METHODS = tuple(MODES)
 # Methods worth running on the "peaked" (LM-like) case: the ones that can skip work there.
 PEAKED_METHODS = ("3gemm", "r1reward-torch", "r1reward-torch-filtered", "r1reward-triton",
                   "r1reward-triton-filtered", "cce", "cce-filtered")
 _BACKEND_MODULES = {"torch": "r1reward.kernels.torch_chunked",
+                    "rows": "r1reward.kernels.rows_chunked",
                     "triton": "r1reward.kernels.triton_ops"}
 
 
@@ -36,7 +38,7 @@ def unavailable(method: str, device: torch.device) -> str | None:
     """Why ``method`` cannot run here (a short status), or None if it can."""
     if method not in MODES:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if method.startswith("r1reward-triton") and device.type != "cuda":
+    if method.startswith(("r1reward-triton", "r1reward-rows")) and device.type != "cuda":
         return "skipped: needs CUDA"
     if method == "cce-filtered" and device.type != "cuda":
         return "skipped: gradient filtering exists only in CCE's CUDA kernels"
@@ -110,6 +112,7 @@ def _naive(method, inp, opts):
 def _r1reward(method, inp, opts):
     from r1reward.kernels import fused_stable_reinforce_loss
     backend = "reference" if method == "reference" else method.split("-")[1]
+    backend = {"rows": "triton-rows"}.get(backend, backend)
     filter_eps = "auto" if method.endswith("-filtered") else None
 
     def forward():

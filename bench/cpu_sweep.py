@@ -3,6 +3,7 @@
     python -m bench.cpu_sweep              # H ∈ {128, 1024, 4096} × V ∈ {32000, 151936} × N ∈ {256, 4096}
     python -m bench.cpu_sweep --quick      # H ∈ {128, 1024}, V = 32000, N ∈ {256, 4096}
     python -m bench.cpu_sweep --hidden 128 --vocab 65536 --tokens 4096
+    python -m bench.cpu_sweep --quick --blas numpy --no-filtered   # one engine forced
 
 Per shape, each in its own worker process (``bench._worker``, as ``bench.loss_bench``):
 the 3-GEMM bound and the exact fused loss on the "random" case, the filtered fused loss
@@ -45,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-filtered", dest="filtered", action="store_false",
                     help="skip the filtered rows")
+    ap.add_argument("--blas", choices=("auto", "torch", "numpy"), default=None,
+                    help="force the CPU GEMM engine (sets R1REWARD_CPU_BLAS for the workers)")
     ap.add_argument("--out-dir", default="runs/bench")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
     ap.add_argument("--verbose", action="store_true", help="show the workers' stderr")
@@ -116,6 +119,8 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.blas:
+        os.environ["R1REWARD_CPU_BLAS"] = args.blas
     env = versions()
     rows = []
     os.makedirs(args.out_dir, exist_ok=True)

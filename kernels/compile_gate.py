@@ -133,6 +133,7 @@ def cases(cc: int, dtypes=("bf16", "fp16", "fp32")) -> list[KernelCase]:
                     divisible=("h_ptr", "w_ptr", "b_ptr", "rows_ptr", "tgt_ptr", "g_ptr",
                                "lse_ptr", "dh_ptr", "dw_ptr", "db_ptr", "H", "stride_h",
                                "stride_w", "stride_dh", "stride_dw")))
+    out += _row_cases(dtypes)
     ctypes = {"part_ptr": "*fp32", "rows_ptr": "*i64", "n_rows": "i32", "n_splits": "i32",
               **{p: "*fp32" for p in ("lp_ptr", "lse_ptr", "ent_ptr", "old_ptr", "adv_ptr",
                                       "ref_ptr", "tw_ptr", "loss_ptr", "g_ptr")},
@@ -147,6 +148,29 @@ def cases(cc: int, dtypes=("bf16", "fp16", "fp32")) -> list[KernelCase]:
         out.append(KernelCase(label, fwd._fwd_combine_kernel, ctypes,
                               dict(BLOCK=cc_cfg["BLOCK"], **flags), cc_cfg["num_warps"],
                               cc_cfg["num_stages"]))
+    return out
+
+
+def _row_cases(dtypes) -> list[KernelCase]:
+    """The row-chunked path's row kernel: fp32 logits in, dz out in the GEMM operand dtype
+    (bf16 or fp32; fp16 is refused by that backend)."""
+    rows = load_kernel_module("triton_rows")
+    cfg = rows.ROW_CONFIG
+    out = []
+    for dt in (d for d in dtypes if d in ("bf16", "fp32")):
+        types = {"z_ptr": "*fp32", "dz_ptr": f"*{_TL[dt]}", "b_ptr": f"*{_TL[dt]}",
+                 "rows_ptr": "*i64", "tgt_ptr": "*i64", "V": "i32", "stride_z": "i32",
+                 "stride_dz": "i32",
+                 **{p: "*fp32" for p in ("old_ptr", "adv_ptr", "ref_ptr", "tw_ptr", "lp_ptr",
+                                         "ent_ptr", "loss_ptr")},
+                 **_float_args("inv_temp", "pc_lo", "pc_hi", "clip_lo", "clip_hi", "dual_c",
+                               "kl_coef")}
+        for label, on in (("rows", True), ("rows-plain", False)):
+            out.append(KernelCase(
+                f"{label}[{dt}]", rows._row_kernel, types,
+                dict(HAS_BIAS=on, ENTROPY=on, PRECLIP=on, DUAL=on, KL_MODE=3 if on else 0,
+                     BLOCK_V=cfg["BLOCK_V"]), cfg["num_warps"], cfg["num_stages"],
+                divisible=("z_ptr", "dz_ptr", "b_ptr", "stride_z", "stride_dz")))
     return out
 
 

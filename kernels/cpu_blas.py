@@ -43,8 +43,8 @@ PROBE_BYTES = 48 << 20
 PROBE_ROUNDS = 5  # interleaved rounds per engine; the minimum is kept (noisy shared boxes)
 # numpy must beat torch by this factor to be chosen: a coin-flip on a noisy box should not
 # stick (the choice is cached) and torch.mm needs no second thread pool.
-NUMPY_MARGIN = 0.95
-PROBE_VERSION = 2  # part of the cache key: a changed probe re-measures
+NUMPY_MARGIN = 0.9
+PROBE_VERSION = 3  # part of the cache key: a changed probe re-measures
 
 _memo: dict[str, str] = {}  # shape class -> engine, for this process
 _blas_ctl = None  # threadpoolctl controller of numpy's BLAS (None: not probed; False: absent)

@@ -21,8 +21,11 @@ from .loss_math import (
     token_weights,
 )
 
-BACKENDS = ("auto", "triton", "torch", "reference")
-_MODULES = {"triton": ".triton_ops", "torch": ".torch_chunked", "reference": ".reference"}
+# "triton-rows": the row-chunked exact path (cuBLAS GEMMs + a Triton row kernel), named
+# only: it is not "auto"'s choice on CUDA until a GPU measurement says it should be.
+BACKENDS = ("auto", "triton", "triton-rows", "torch", "reference")
+_MODULES = {"triton": ".triton_ops", "triton-rows": ".rows_chunked", "torch": ".torch_chunked",
+            "reference": ".reference"}
 # Backends without optional dependencies are imported up front: torch.compile cannot trace
 # importlib.import_module, so a lazy import inside a compiled function would break the graph.
 _LOADED = {"torch": _torch_chunked, "reference": _reference}
@@ -33,9 +36,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if backend == "triton" and device.type != "cuda" and not _interpreting():
-        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
-                         "testing); use backend='torch' on CPU")
+    if backend.startswith("triton") and device.type != "cuda" and not _interpreting():
+        raise ValueError(f"backend={backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 for "
+                         "CPU testing); use backend='torch' on CPU")
     return backend
 
 

@@ -27,7 +27,8 @@ def test_all_kernels_compile_without_spills(cc):
     for must in ("forward[bf16]", "forward-plain[bf16]", "combine-forward-only",
                  "combine-fused-epilogue", "combine-logprobs", "backward[bf16]",
                  "backward-filtered[bf16]", "forward[fp32]", "backward[fp32]",
-                 "forward[fp32-tf32]", "backward[fp32-tf32]", "backward[fp16]"):
+                 "forward[fp32-tf32]", "backward[fp32-tf32]", "backward[fp16]",
+                 "rows[bf16]", "rows[fp32]", "rows-plain[bf16]"):
         assert must in names, f"{must} missing from the gate: {sorted(names)}"
     assert all(0 < r.regs <= cg.MAX_REGS for r in rows), _report(rows)
 
@@ -35,7 +36,7 @@ def test_all_kernels_compile_without_spills(cc):
 def test_gate_covers_every_triton_kernel():
     # A kernel added to the modules without a gate case would ship unchecked.
     gated = {c.fn.__name__ for c in cg.cases(90, ("bf16",))}
-    for modname in ("triton_fwd", "triton_bwd"):
+    for modname in ("triton_fwd", "triton_bwd", "triton_rows"):
         mod = cg.load_kernel_module(modname)
         kernels = {name for name, obj in inspect.getmembers(mod)
                    if name.endswith("_kernel") and hasattr(obj, "arg_names")}
