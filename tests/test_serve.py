@@ -46,7 +46,7 @@ def server(tmp_path):
     judge = SlowScriptedJudge(baseline="q=0")
     limits = S.Limits(max_body_bytes=200_000, max_image_pixels=200 * 200, max_items=4, max_k=5)
     srv = S.make_server(judge, "127.0.0.1", 0, str(root), max_batch=8, limits=limits)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     host, port = srv.server_address[:2]
     yield f"http://{host}:{port}", srv, judge
@@ -68,7 +68,8 @@ def _call(url, path, body=None, raw=None):
 
 def test_health_judge_and_get_reward(server):
     url, srv, _ = server
-    assert _call(url, "/health") == (200, {"status": "ok", "model": "", "max_batch": 8})
+    assert _call(url, "/health") == (200, {"status": "ok", "model": "", "max_batch": 8, "queued": 0,
+                                           "connections": 1})
     assert srv.server_address[0] == "127.0.0.1"
     st, out = _call(url, "/judge", {"image": _png_b64(), "question": "q", "response_1": "q=0",
                                     "response_2": "q=2", "k": 3})
@@ -130,7 +131,7 @@ def test_burst_of_concurrent_clients_is_batched(server):
     assert all(st == 200 for st, _, _ in results)
     for _, out, want in results:
         assert out["score"] == pytest.approx(want, abs=1e-9)
-    assert sum(srv.batcher.batch_sizes) == 64
+    assert sum(size * n for size, n in srv.batcher.batch_sizes.items()) == 64
     assert max(srv.batcher.batch_sizes) > 1  # concurrent requests shared model calls
     assert max(judge.batches) <= 2 * 8       # a batch is at most max_batch pairs x 2 orders
 
@@ -140,15 +141,24 @@ def test_tiny_model_served_over_http(tiny_dir, tmp_path):
     from r1reward.judge import RewardJudge
     judge = RewardJudge.from_pretrained(tiny_dir, max_new_tokens=8)
     Image.new("RGB", (112, 112), (220, 30, 30)).save(tmp_path / "red.png")
-    srv = S.make_server(judge, "127.0.0.1", 0, str(tmp_path))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = S.make_server(judge, "127.0.0.1", 0, str(tmp_path), limits=S.Limits(max_pair_tokens=300))
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     url = "http://{}:{}".format(*srv.server_address[:2])
     try:
         body = {"question": "What colour is the shape?", "response_1": "Red.", "response_2": "Blue."}
-        with ThreadPoolExecutor(3) as ex:
-            answers = list(ex.map(lambda im: _call(url, "/judge", dict(body, image=im)),
-                                  ["red.png", _png_b64((112, 112)), "red.png"]))
+        # a lone surrogate crashes the real tokenizer (TypeError): it used to fail every
+        # request batched with it; now it is a 400 before the model
+        bad = dict(body, image="red.png", question="What colour\ud800?")
+        images = ["red.png", _png_b64((112, 112)), "red.png"]
+        with ThreadPoolExecutor(4) as ex:
+            answers = list(ex.map(lambda b: _call(url, "/judge", b),
+                                  [dict(body, image=im) for im in images] + [bad]))
+        assert answers[3][0] == 400 and "UTF-8" in answers[3][1]["error"]
+        answers = answers[:3]
         assert all(st == 200 for st, _ in answers)
+        # the token limit, counted by the model's own tokenizer before the model runs
+        st, out = _call(url, "/judge", dict(body, question="What colour is the shape? " * 60))
+        assert st == 413 and "tokens of text, over the limit of 300" in out["error"]
         want = judge.judge(tmp_path / "red.png", body["question"], "Red.", "Blue.")
         for _, out in (answers[0], answers[2]):
             assert out["verdict"] == want.verdict and out["votes"] == want.votes
