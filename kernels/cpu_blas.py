@@ -46,7 +46,7 @@ PROBE_ROUNDS = 5  # interleaved rounds per engine; the minimum is kept (noisy sh
 NUMPY_MARGIN = 0.9
 PROBE_VERSION = 3  # part of the cache key: a changed probe re-measures
 
-_memo: dict[str, str] = {}  # shape class -> engine, for this process
+_memo: dict[tuple, str] = {}  # (shape class, threads) -> engine, for this process
 _blas_ctl = None  # threadpoolctl controller of numpy's BLAS (None: not probed; False: absent)
 
 
@@ -66,9 +66,10 @@ def engine(hidden: int, vocab: int, rows: int) -> str:
     if rows * hidden * vocab < MIN_MACS:
         return "torch"
     key = shape_class(hidden, vocab, rows)
-    if key not in _memo:
-        _memo[key] = _cached_or_measured(key, hidden, vocab, rows)
-    return _memo[key]
+    memo_key = (key, torch.get_num_threads())  # a changed thread count is another machine key
+    if memo_key not in _memo:
+        _memo[memo_key] = _cached_or_measured(key, hidden, vocab, rows)
+    return _memo[memo_key]
 
 
 def shape_class(hidden: int, vocab: int, rows: int) -> str:
