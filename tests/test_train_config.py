@@ -40,7 +40,7 @@ BAD_SETTINGS = [
     (["--algo.estimator", "grpo"], "--algo.estimator", "n_samples"),
     (["--algo.kl_estimator", "bogus"], "--algo.kl_estimator", "k1|k2|k3"),
     (["--algo.aggregation", "mean"], "--algo.aggregation", "token-mean"),
-    (["--algo.backend", "cuda"], "--algo.backend", "auto|triton|torch|reference"),
+    (["--algo.backend", "cuda"], "--algo.backend", "choose from auto|"),
     (["--algo.adv_filter", "sigma"], "--algo.adv_filter", "zscore|release|off"),
     (["--algo.adv_filter", "release", "--algo.estimator", "rloo", "--rollout.n_samples", "2"],
      "--algo.adv_filter", "reinforce_pp"),
