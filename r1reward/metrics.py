@@ -31,8 +31,14 @@ class MetricsLogger:
         """On resume: drop rows a killed run wrote after its last checkpoint."""
         if not (self.enabled and self.path.exists()):
             return
-        rows = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        rows = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line torn by the kill: dropped, it is redone
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                rows.append(line)
         self.path.write_text("".join(r + "\n" for r in rows))
 
     def log(self, step: int, row: dict) -> dict:

@@ -1,4 +1,5 @@
 """DCP checkpoints: exact continuation, keep-last-k, incomplete checkpoints ignored."""
+import json
 import random
 
 import numpy as np
@@ -117,3 +118,15 @@ def test_hf_export_reloads_with_from_pretrained(tmp_path):
     kw = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False, **b.vision)
     with torch.no_grad():
         torch.testing.assert_close(back(**kw).logits, model(**kw).logits)
+
+
+def test_metrics_truncate_survives_a_torn_last_line(tmp_path):
+    from r1reward.metrics import MetricsLogger
+    m = MetricsLogger(tmp_path, tensorboard=False)
+    for s in (1, 2, 3):
+        m.log(s, {"reward": 0.5})
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 4, "rew\xc3')  # killed mid-write, mid-character
+    m.truncate_after(2)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
