@@ -389,11 +389,15 @@ def load_pairs(path, *, strict: bool = False) -> LoadResult:
     if not path.is_file():
         raise FileNotFoundError(f"load_pairs: data file not found: {path}")
     parsed: list[tuple[int, PreferencePair | None, str | None]] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: one bad byte costs its line, not the file
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"line is not UTF-8 (byte {e.start})") from None
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -403,10 +407,14 @@ def load_pairs(path, *, strict: bool = False) -> LoadResult:
                 parsed.append((line_no, None, str(e)))
     problem = image_problems(p.image for _, p, _ in parsed if p is not None)
     pairs, skipped = [], []
+    first_line: dict[str, int] = {}  # id -> the line that used it
     for line_no, pair, why in parsed:
         if pair is not None and problem[pair.image] is not None:
             why = f"field 'message': {problem[pair.image]}"
+        elif pair is not None and pair.id in first_line:  # results are keyed by id
+            why = f"field 'id': {pair.id!r} already used on line {first_line[pair.id]}"
         if why is None:
+            first_line[pair.id] = line_no
             pairs.append(pair)
             continue
         reason = f"{path}:{line_no}: {why}"

@@ -71,3 +71,21 @@ def test_loader_reports_each_bad_line_by_field(tmp_path):
         load_pairs(tmp_path / "bad.jsonl", strict=True)
     with pytest.raises(FileNotFoundError, match="nothere"):
         load_pairs(tmp_path / "nothere.jsonl")
+
+
+def test_a_bad_byte_or_a_repeated_id_costs_only_its_line(tmp_path):
+    import json as _json
+
+    from r1reward.data import generate_dataset, load_pairs
+    train, _ = generate_dataset(tmp_path / "d", 4, 1, seed=0)
+    lines = train.read_bytes().splitlines()
+    recs = [_json.loads(x) for x in lines]
+    recs[2]["id"] = recs[1]["id"]
+    body = [lines[0], b'{"id": "x\xff"}', *(_json.dumps(r).encode() for r in recs[1:])]
+    bad = tmp_path / "d" / "mixed.jsonl"
+    bad.write_bytes(b"\n".join(body) + b"\n")
+    out = load_pairs(bad)
+    assert len(out.pairs) == 3
+    reasons = dict(out.skipped)
+    assert "not UTF-8" in reasons[2] and "mixed.jsonl:2:" in reasons[2]
+    assert "already used on line 3" in reasons[4]
