@@ -99,9 +99,14 @@ def _read_jsonl(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"benchmark data file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with path.open("rb") as f:  # bytes: one bad byte costs its line, not the file
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, None, f"{path}:{n}: line is not UTF-8 (byte {e.start})"
                 continue
             try:
                 rec = json.loads(line)
@@ -130,6 +135,18 @@ def _load(path, image_root, fields, id_field, convert) -> BenchLoad:
     return out
 
 
+def unique_key(rid: str, used: Counter) -> str:
+    """``rid``, or ``rid#2``, ``rid#3``, ... for repeats: never a key already handed out
+    (ids "dup", "dup", "dup#2" get "dup", "dup#2", "dup#2#2")."""
+    key = rid
+    while used[key]:
+        used[rid] += 1
+        key = f"{rid}#{used[rid]}"
+    used[key] += 1
+    used[rid] = max(used[rid], 1)
+    return key
+
+
 def _load_records(path, image_root, fields, id_field, convert) -> BenchLoad:
     out, seen = BenchLoad([]), Counter()
     for n, rec, err in _read_jsonl(path):
@@ -152,8 +169,7 @@ def _load_records(path, image_root, fields, id_field, convert) -> BenchLoad:
         if why:
             out.skipped.append((ref, why))
             continue
-        seen[str(rid)] += 1
-        key = str(rid) if seen[str(rid)] == 1 else f"{rid}#{seen[str(rid)]}"
+        key = unique_key(str(rid), seen)
         out.items.append(BenchItem(key=key, id=str(rid), image=img, **item_args))
     return out
 

@@ -37,11 +37,9 @@ def load_items(bench: str, data, images, n_heldout: int = 64, seed: int = 0, cac
         _, data = generated_split(0, n_heldout, seed, kinds, cache=cache)
     res = load_pairs(data)
     out = B.BenchLoad([], [(f"line {n}", why) for n, why in res.skipped])
-    seen = {}
-    for p in res.pairs:
-        seen[p.id] = seen.get(p.id, 0) + 1
+    for p in res.pairs:  # load_pairs refuses repeated ids, so the id is the key
         chosen, rejected = (p.response_1, p.response_2) if p.preferred == 1 else (p.response_2, p.response_1)
-        out.items.append(B.BenchItem(key=p.id if seen[p.id] == 1 else f"{p.id}#{seen[p.id]}", id=p.id,
+        out.items.append(B.BenchItem(key=p.id, id=p.id,
                                      category=(p.meta or {}).get("kind", "pairs"), image=p.image,
                                      question=p.question, chosen=chosen, rejected=rejected))
     return out
@@ -51,7 +49,8 @@ def read_results(path: Path, k: int) -> dict:
     """(key, order) -> row, for rows that already hold at least k votes (last one wins)."""
     done = {}
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        # errors="replace": a write cut inside a multi-byte character is just a bad line
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:

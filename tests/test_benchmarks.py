@@ -171,3 +171,26 @@ def test_multimodal_rewardbench_loader(tmp_path):
         B.load_bench("nope", path)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         B.load_bench("vl_reward_bench", tmp_path / "missing.jsonl")
+
+
+def test_repeated_ids_get_distinct_keys_and_a_bad_byte_costs_one_line(tmp_path):
+    from collections import Counter
+
+    from r1reward.benchmarks import _read_jsonl, unique_key
+    used = Counter()
+    keys = [unique_key(x, used) for x in ("dup", "dup", "dup#2", "dup")]
+    assert len(set(keys)) == 4 and keys[0] == "dup"
+    f = tmp_path / "b.jsonl"
+    f.write_bytes(b'{"id": "a"}\n{"id": "\xff"}\n{"id": "c"}\n')
+    out = list(_read_jsonl(f))
+    assert [n for n, rec, _ in out if rec] == [1, 3] and "not UTF-8" in out[1][2]
+
+
+def test_eval_resume_reads_past_a_write_cut_inside_a_character(tmp_path):
+    import json as _json
+
+    from r1reward.eval import read_results
+    path = tmp_path / "results.jsonl"
+    good = {"key": "a", "order": "chosen_first", "votes": [1]}
+    path.write_bytes((_json.dumps(good) + "\n").encode() + '{"key": "é'.encode()[:-1])
+    assert list(read_results(path, 1)) == [("a", "chosen_first")]
