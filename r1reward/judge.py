@@ -46,6 +46,22 @@ class OrderSamples:
     p1: list[float] = field(default_factory=list)  # calibrated P("1") per sample
 
 
+class JudgeCancelled(Exception):
+    """``should_stop()`` said yes: nobody is waiting for this batch any more."""
+
+
+class _StopWhen:
+    """HF stopping criterion: end generation for the whole batch once ``should_stop()``."""
+
+    def __init__(self, should_stop):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool,
+                          device=input_ids.device)
+
+
 @dataclass
 class Judgment:
     verdict: int                 # 1 | 2 in the caller's numbering
@@ -169,18 +185,25 @@ class RewardJudge:
             for s in range(0, len(idx), self.max_batch):
                 yield idx[s:s + self.max_batch]
 
-    def _generate_texts(self, reqs, n: int, do_sample: bool) -> list[list[str]]:
-        """n analyses per request (greedy when not do_sample)."""
+    def _generate_texts(self, reqs, n: int, do_sample: bool, should_stop=None) -> list[list[str]]:
+        """n analyses per request (greedy when not do_sample); ``should_stop`` is polled
+        while generating and ends the call with :class:`JudgeCancelled`."""
         import torch
+        from transformers import StoppingCriteriaList
 
         from .generation import generate
+        extra = {"stopping_criteria": StoppingCriteriaList([_StopWhen(should_stop)])} \
+            if should_stop is not None else None
         out = [None] * len(reqs)
         for idx in self._chunks(reqs, lambda r: r.image is not None):
             chunk = [reqs[i] for i in idx]
             with torch.no_grad():
                 gen = generate(self.model, self.processor, self._pairs(chunk), do_sample=do_sample,
                                temperature=self.temperature, top_p=self.top_p,
-                               max_new_tokens=self.max_new_tokens, num_samples=n)
+                               max_new_tokens=self.max_new_tokens, num_samples=n,
+                               generate_kwargs=extra)
+            if should_stop is not None and should_stop():
+                raise JudgeCancelled("every client of this batch has left")
             self.calls["generate"] += 1
             self.calls["sequences"] += len(gen.texts)
             # HF generate returns the n samples of a prompt next to each other
@@ -246,7 +269,8 @@ class RewardJudge:
         return out
 
     # ---- sampling, voting, debiasing --------------------------------------------------
-    def sample(self, reqs, k: int = 1, early_stop: bool = False) -> list[OrderSamples]:
+    def sample(self, reqs, k: int = 1, early_stop: bool = False, should_stop=None
+               ) -> list[OrderSamples]:
         """K analyses per request (greedy for K = 1, sampled otherwise) with votes and
         calibrated p1. With early_stop, sampling happens in rounds and stops once the
         remaining samples cannot change the majority."""
@@ -260,7 +284,10 @@ class RewardJudge:
             todo = [i for i in todo if need[i] > 0]
             for n in sorted({need[i] for i in todo}):  # one batched call per round size
                 idx = [i for i in todo if need[i] == n]
-                texts = self._generate_texts([reqs[i] for i in idx], n, do_sample=k > 1)
+                stop = {"should_stop": should_stop} if should_stop is not None else {}
+                texts = self._generate_texts([reqs[i] for i in idx], n, do_sample=k > 1, **stop)
+                if should_stop is not None and should_stop():
+                    raise JudgeCancelled("every client of this batch has left")
                 flat = [(i, t) for i, ts in zip(idx, texts) for t in ts]
                 p1 = self._answer_p1([(reqs[i], t) for i, t in flat])
                 for (i, t), p in zip(flat, p1):
@@ -270,12 +297,14 @@ class RewardJudge:
                     res[i].p1.append(p)
         return res
 
-    def judge_batch(self, reqs, k: int = 1, swap: bool = True, early_stop: bool = True
-                    ) -> list[Judgment]:
+    def judge_batch(self, reqs, k: int = 1, swap: bool = True, early_stop: bool = True,
+                    should_stop=None) -> list[Judgment]:
+        """Judgments of ``reqs``; ``should_stop`` (polled during generation) cancels the
+        whole batch with :class:`JudgeCancelled` when nobody waits for it any more."""
         reqs = [r if isinstance(r, PairRequest) else PairRequest(*r) for r in reqs]
         reqs = [PairRequest(to_image(r.image), r.question, r.response_1, r.response_2) for r in reqs]
         views = reqs + ([r.swapped() for r in reqs] if swap else [])
-        samples = self.sample(views, k, early_stop=early_stop)
+        samples = self.sample(views, k, early_stop=early_stop, should_stop=should_stop)
         out = []
         for i in range(len(reqs)):
             a = samples[i]

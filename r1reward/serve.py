@@ -53,7 +53,7 @@ from pathlib import Path
 from PIL import Image
 
 from .images import ImageTooLarge, open_image
-from .judge import PairRequest
+from .judge import JudgeCancelled, PairRequest
 from .serve_http import ClientGone, GuardedHTTPServer, HTTPError, JSONRequestHandler
 
 __all__ = ["Limits", "Batcher", "HTTPError", "RewardHTTPServer", "make_server", "load_request_image",
@@ -111,6 +111,7 @@ class Batcher:
         self.judge, self.max_batch, self.wait_s = judge, max_batch, wait_s
         self.q: queue.Queue = queue.Queue()
         self.batch_sizes: Counter = Counter()  # pairs per model batch -> how many batches
+        self.cancelled_on_model = 0  # batches stopped mid-generation: all their clients left
         self.dropped = 0   # pairs never judged: their client left or their request timed out
         self.retried = 0   # failed groups judged again pair by pair
         self._thread = threading.Thread(target=self._loop, name="reward-batcher", daemon=True)
@@ -167,8 +168,18 @@ class Batcher:
             self._judge([j for j in live if j.k == k], k)
 
     def _judge(self, group, k):
+        def everyone_left() -> bool:  # polled while the model generates
+            return all(j.alive is not None and not _alive(j.alive) for j in group)
         try:
-            results = self.judge.judge_batch([j.req for j in group], k=k, swap=True)
+            results = self.judge.judge_batch([j.req for j in group], k=k, swap=True,
+                                              should_stop=everyone_left)
+        except JudgeCancelled:
+            self.dropped += len(group)
+            self.cancelled_on_model += 1
+            for j in group:  # running futures cannot be cancelled; nobody reads them now
+                if not j.future.done():
+                    j.future.set_exception(JudgeCancelled("the client left"))
+            return
         except Exception as e:
             if len(group) == 1:
                 group[0].future.set_exception(e)

@@ -39,7 +39,7 @@ class ScriptedJudge(RewardJudge):
         self.batches = []       # sizes of the generate batches, to check batching
         self._lock = threading.Lock()
 
-    def _generate_texts(self, reqs, n, do_sample):
+    def _generate_texts(self, reqs, n, do_sample, should_stop=None):
         with self._lock:
             self.calls["generate"] += 1
             self.batches.append(len(reqs))

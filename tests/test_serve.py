@@ -19,7 +19,7 @@ from r1reward import serve as S
 class SlowScriptedJudge(ScriptedJudge):
     """Takes a little time per batch, as a model does, so concurrent requests queue up."""
 
-    def _generate_texts(self, reqs, n, do_sample):
+    def _generate_texts(self, reqs, n, do_sample, should_stop=None):
         time.sleep(0.02)
         return super()._generate_texts(reqs, n, do_sample)
 

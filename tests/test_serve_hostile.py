@@ -41,7 +41,7 @@ class RecordingJudge(ScriptedJudge):
         self.questions = []
         self.started = threading.Event()
 
-    def _generate_texts(self, reqs, n, do_sample):
+    def _generate_texts(self, reqs, n, do_sample, should_stop=None):
         self.started.set()
         if self.gate is not None:
             self.gate.wait(10)
@@ -318,7 +318,10 @@ def test_a_request_waits_at_most_its_timeout_then_503_and_is_dropped():
             gate.set()
             hold.result()
         time.sleep(0.1)
-        assert "late" not in judge.questions and srv.batcher.dropped == 1
+        # "late" never reached the model; "hold" timed out too (same 0.5 s), so its work
+        # on the model was stopped as soon as the gate let it check
+        assert "late" not in judge.questions and srv.batcher.dropped == 2
+        assert srv.batcher.cancelled_on_model == 1
 
 
 # ----------------------------------------------------------------------------- 5. connections
@@ -505,3 +508,44 @@ def test_a_file_named_like_base64_is_read_as_the_file(tmp_path):
             assert st == 200 and out["score"] == pytest.approx(debiased("q=1", "q=0")), image[:30]
         st, out = call(url, "/judge", dict(BASE, image="QUJDREVGR0hJSktMTU5PUQ=="))  # no such file
         assert st == 400 and "not a readable image" in out["error"]
+
+
+class PollingJudge(RecordingJudge):
+    """For the question "left", a 'generation' of up to 3 s that polls should_stop every
+    20 ms, as the HF stopping criterion does every token; others are immediate."""
+
+    def _generate_texts(self, reqs, n, do_sample, should_stop=None):
+        self.started.set()
+        t_end = time.monotonic() + (3.0 if any(r.question == "left" for r in reqs) else 0.0)
+        while time.monotonic() < t_end and not (should_stop and should_stop()):
+            time.sleep(0.02)
+        return super()._generate_texts(reqs, n, do_sample)
+
+
+def test_work_on_the_model_stops_when_its_client_leaves():
+    # before: a client that left after its request reached the model still cost the next
+    # client the whole generation
+    judge = PollingJudge()
+    with serving(judge, max_batch=1) as (url, srv, _):
+        body = json.dumps(dict(BASE, question="left")).encode()
+        with socket.create_connection(addr(url)) as s:
+            s.sendall(b"POST /judge HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            assert judge.started.wait(5)
+        t0 = time.monotonic()
+        st, _ = call(url, "/judge", dict(BASE, question="next"))
+        assert st == 200 and time.monotonic() - t0 < 2.0  # not the 3 s the left one would take
+        assert srv.batcher.cancelled_on_model == 1
+
+
+def test_hf_generation_polls_should_stop_every_token(tiny_dir):
+    from r1reward.judge import JudgeCancelled, RewardJudge
+    judge = RewardJudge.from_pretrained(tiny_dir, max_new_tokens=64)
+    polls = []
+
+    def stop_after_three():
+        polls.append(1)
+        return len(polls) >= 3
+    with pytest.raises(JudgeCancelled):
+        judge.judge_batch([(None, "What colour?", "Red.", "Blue.")], k=1, swap=False,
+                          should_stop=stop_after_three)
+    assert 3 <= len(polls) <= 5  # stopped at the third token, not after 64
