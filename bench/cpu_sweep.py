@@ -23,6 +23,7 @@ import os
 import sys
 
 from ._inputs import Problem
+from ._report import _fmt as _f
 from .loss_bench import _int_list, run_worker, versions
 
 FULL = {"hidden": [128, 1024, 4096], "vocab": [32000, 151936], "tokens": [256, 4096]}
@@ -93,10 +94,6 @@ def add_ratios(r: dict) -> None:
     r["meets_time"] = None if ratio is None else ratio <= TARGET_RATIO
     extras = [r.get(f"{k}_extra_mb") for k in ("exact", "filtered") if r.get(f"{k}_extra_mb") is not None]
     r["meets_memory"] = None if extra is None else max(extras) <= TARGET_EXTRA_MB
-
-
-def _f(v, spec):
-    return format(v, spec) if v is not None else format("-", ">" + spec.split(".")[0])
 
 
 def table(rows: list[dict]) -> str:
