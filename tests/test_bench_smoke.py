@@ -125,3 +125,16 @@ def test_methods_compute_the_same_loss_and_gradients(monkeypatch):
     for m, got in results.items():
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda s, m=m: f"{m}: {s}")
+
+
+def test_cpu_sweep_runs_and_writes_rows(tmp_path, monkeypatch):
+    # The sweep command at a toy shape: one JSON row per shape with both modes measured.
+    import json as _json
+
+    from bench import cpu_sweep
+    monkeypatch.setenv("R1REWARD_CACHE", str(tmp_path / "cache"))
+    cpu_sweep.main(["--hidden", "16", "--vocab", "100", "-N", "8", "--repeats", "1", "--warmup", "1",
+                    "--out-dir", str(tmp_path)])
+    rows = [_json.loads(x) for x in (tmp_path / "cpu_sweep.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["exact_status"] == "ok" and rows[0]["filtered_status"] == "ok"
+    assert rows[0]["bound_s"] > 0 and rows[0]["meets_memory"] is True
