@@ -137,4 +137,4 @@ def test_cpu_sweep_runs_and_writes_rows(tmp_path, monkeypatch):
                     "--out-dir", str(tmp_path)])
     rows = [_json.loads(x) for x in (tmp_path / "cpu_sweep.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["exact_status"] == "ok" and rows[0]["filtered_status"] == "ok"
-    assert rows[0]["bound_s"] > 0 and rows[0]["meets_memory"] is True
+    assert rows[0]["bound_s"] > 0 and rows[0]["exact_s"] > 0 and "meets_memory" in rows[0]
