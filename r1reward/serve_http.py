@@ -71,6 +71,18 @@ def readable_now(sock) -> bool:
     return bool(select.select([sock], [], [], 0)[0])
 
 
+def _peer_state(sock) -> str:
+    """'data' (bytes waiting), 'closed' (EOF or error) or 'quiet', without blocking."""
+    try:
+        if sock.fileno() < 0:
+            return "closed"
+        if not readable_now(sock):
+            return "quiet"
+        return "data" if sock.recv(1, socket.MSG_PEEK) else "closed"
+    except (OSError, ValueError):
+        return "closed"
+
+
 class _Conn:
     """One accepted connection, as the server and its handler thread share it."""
 
@@ -205,15 +217,7 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
     def client_alive(self) -> bool:
         """False once the client has closed or reset the connection (bytes it sent ahead,
         a pipelined request, count as alive). Never blocks."""
-        sock = self.connection
-        try:
-            if sock.fileno() < 0:
-                return False
-            if not readable_now(sock):
-                return True
-            return sock.recv(1, socket.MSG_PEEK) != b""  # readable: EOF or data, never blocks
-        except (OSError, ValueError):
-            return False
+        return _peer_state(self.connection) != "closed"
 
     # ---- the body ----------------------------------------------------------------------
     def _content_length(self) -> int | None:
@@ -335,18 +339,22 @@ class GuardedHTTPServer(ThreadingHTTPServer):
         super().process_request(request, client_address)
 
     def _evict_idle(self) -> bool:
-        """Close the connection idle the longest (holding _conns_lock); False if none."""
+        """Close an idle connection (holding _conns_lock): one its client already closed
+        if any, else the one idle the longest; False if none. A connection with request
+        bytes waiting is not idle."""
         idle = sorted((c.since, id(c), c) for c in self._conns.values() if c.phase == "idle")
-        for _, _, c in idle:
-            try:
-                if readable_now(c.sock):
-                    continue  # a request is arriving: not idle after all
-                c.sock.shutdown(socket.SHUT_RDWR)  # its handler's read returns EOF
-            except (OSError, ValueError):
-                pass
-            self._conns.pop(c.sock, None)
-            self.evicted += 1
-            return True
+        states = [(_peer_state(c.sock), c) for _, _, c in idle]
+        for want in ("closed", "quiet"):  # a client that left costs nobody anything
+            for state, c in states:
+                if state != want:
+                    continue
+                try:
+                    c.sock.shutdown(socket.SHUT_RDWR)  # its handler's read returns EOF
+                except (OSError, ValueError):
+                    pass
+                self._conns.pop(c.sock, None)
+                self.evicted += 1
+                return True
         return False
 
     def _reject(self, sock):

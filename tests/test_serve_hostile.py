@@ -54,6 +54,16 @@ class RecordingJudge(ScriptedJudge):
         return super()._generate_texts(reqs, n, do_sample)
 
 
+def eventually(pred, timeout=5.0) -> bool:
+    """Whether pred() turns true within timeout: the server's threads may lag the client."""
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 @contextlib.contextmanager
 def serving(judge=None, root=None, max_batch=8, **limits):
     judge = judge if judge is not None else RecordingJudge()
@@ -315,13 +325,13 @@ def test_a_request_waits_at_most_its_timeout_then_503_and_is_dropped():
             st, out = call(url, "/judge", dict(BASE, question="late"))
             assert st == 503 and "no answer within 0.5 s" in out["error"]
             assert time.monotonic() - t0 < 1.5
+            # "hold" timed out too (same 0.5 s) and its client has gone before the gate
+            # lets the model check: its work on the model is stopped
+            assert hold.result()[0] == 503
             gate.set()
-            hold.result()
-        time.sleep(0.1)
-        # "late" never reached the model; "hold" timed out too (same 0.5 s), so its work
-        # on the model was stopped as soon as the gate let it check
+        assert eventually(lambda: srv.batcher.cancelled_on_model == 1)
+        # "late" never reached the model
         assert "late" not in judge.questions and srv.batcher.dropped == 2
-        assert srv.batcher.cancelled_on_model == 1
 
 
 # ----------------------------------------------------------------------------- 5. connections
@@ -352,8 +362,34 @@ def test_idle_connections_are_capped_and_closed():
         finally:
             for s in socks:
                 s.close()
-        time.sleep(0.1)
-        assert srv.connections() == 0
+        assert eventually(lambda: srv.connections() == 0)
+
+
+def test_over_the_cap_a_connection_its_client_closed_goes_first():
+    # before: a closed connection still held read as "a request is arriving" and was
+    # skipped, so the next idle connection evicted could be a client about to send
+    from r1reward.serve_http import _Conn
+    with serving(max_connections=8) as (url, srv, _):
+        pairs = {name: socket.socketpair() for name in ("quiet", "closed", "data")}
+        pairs["closed"][1].close()
+        pairs["data"][1].sendall(b"P")
+        conns = {}
+        for age, name in enumerate(("quiet", "closed", "data")):  # "quiet" idle the longest
+            conns[name] = c = _Conn(pairs[name][0])
+            c.since -= 10 - age
+            srv._conns[c.sock] = c
+        try:
+            with srv._conns_lock:
+                assert srv._evict_idle()
+                assert set(srv._conns.values()) == {conns["quiet"], conns["data"]}
+                assert srv._evict_idle()
+                assert set(srv._conns.values()) == {conns["data"]}
+                assert not srv._evict_idle()  # request bytes waiting: not idle
+        finally:
+            srv._conns.clear()
+            for a, b in pairs.values():
+                a.close()
+                b.close()
 
 
 def _held_open(url, head: bytes, trickle: bytes, every=0.1, limit=4.0):

@@ -26,7 +26,7 @@ from test_serve_hostile import (
 
 SOAK_S = 4.0          # seconds of mixed traffic
 RSS_BOUND_MB = 150    # growth of the whole test process (server and clients) over the soak
-HEALTH_BOUND_S = 2.0  # slowest /health answer allowed during the soak
+HEALTH_BOUND_S = 3.0  # slowest /health answer allowed: a server stuck behind the flood takes the whole soak
 MAX_CONNECTIONS = 64
 
 
@@ -42,7 +42,9 @@ def test_soak_good_and_hostile_clients(tmp_path):
     Image.new("RGB", (16, 16), (1, 2, 3)).save(tmp_path / "ok.png")
     Image.new("RGB", (200, 200)).save(tmp_path / "big.png")
     judge = RecordingJudge(delay=0.01)
-    limits = dict(max_connections=MAX_CONNECTIONS, idle_timeout_s=0.5, read_timeout_s=1.0,
+    # client and server share one GIL here: a good client can stall for a good part of a
+    # second between connecting and sending, so the deadlines leave it room
+    limits = dict(max_connections=MAX_CONNECTIONS, idle_timeout_s=2.0, read_timeout_s=2.0,
                   request_timeout_s=20, max_body_bytes=300_000, max_image_pixels=200 * 200,
                   max_request_pixels=100_000, max_items=8)
     with serving(judge, root=tmp_path, **limits) as (url, srv, _):
@@ -53,19 +55,25 @@ def test_soak_good_and_hostile_clients(tmp_path):
         peak_threads = [0]
         lock = threading.Lock()
 
+        def good_call(path, body):
+            try:
+                return call(url, path, body, timeout=30)
+            except OSError as e:  # recorded, so the figures below still print
+                return repr(e), {}
+
         def good_client(seed):
             rng = random.Random(seed)
             while not stop.is_set():
                 q1, q2 = rng.randrange(5), rng.randrange(5)
                 if rng.random() < 0.5:
                     image = rng.choice(["ok.png", b64(png()), "data:image/png;base64," + b64(png())])
-                    st, out = call(url, "/judge", {"image": image, "question": "q", "response_1": f"q={q1}",
-                                                   "response_2": f"q={q2}"}, timeout=30)
+                    st, out = good_call("/judge", {"image": image, "question": "q", "response_1": f"q={q1}",
+                                                   "response_2": f"q={q2}"})
                     got, want = (out.get("score"), debiased(f"q={q1}", f"q={q2}")) if st == 200 else (None, 0)
                 else:
                     body = {"query": [f"P q={q1}", f"P q={q2}"], "prompts": ["P"] * 2,
                             "labels": ["q=2", None], "images": ["ok.png", None]}
-                    st, out = call(url, "/get_reward", body, timeout=30)
+                    st, out = good_call("/get_reward", body)
                     got = out.get("rewards") if st == 200 else None
                     want = [debiased(f"q={q1}", "q=2"), debiased(f"q={q2}", "q=0")]
                 with lock:
@@ -143,7 +151,7 @@ def test_soak_good_and_hostile_clients(tmp_path):
         gc.collect()
         growth = rss_mb() - rss0
         lat = sorted(health["latencies"])
-        deadline = time.monotonic() + 3  # idle connections time out; the server lets go of all
+        deadline = time.monotonic() + 5  # idle connections time out; the server lets go of all
         while srv.connections() and time.monotonic() < deadline:
             time.sleep(0.05)
         figures = {"seconds": round(elapsed, 2), "good_ok": good["ok"], "hostile_sent": hostile["sent"],
