@@ -59,7 +59,7 @@ class LossSettings:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
 
 
-def token_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+def token_weights(mask: torch.Tensor, aggregation: str, normalizer=None) -> torch.Tensor:
     """Per-token weights ``w`` [B, T] (fp32) such that the loss is ``Σ w·loss_t``.
 
     token-mean:           w = m / Σm                     (mean over all valid tokens)
@@ -67,14 +67,24 @@ def token_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
     seq-mean-token-sum:   w = m / B_valid
     Sequences with no valid token get weight 0 and do not count in ``B_valid``; an
     all-masked batch gives all-zero weights (loss 0, gradient 0), never NaN.
+
+    ``normalizer`` (a number or 0-dim tensor) replaces the local denominator (``Σm`` for
+    token-mean, ``B_valid`` for the seq-mean modes): pass the global count across
+    data-parallel ranks and accumulation steps so micro-batches sum to one global mean.
     """
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
     m = mask.to(torch.float32)
+    if normalizer is not None:
+        normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=m.device)
+        if normalizer.dim() != 0:
+            raise ValueError(f"normalizer must be a number or a 0-dim tensor, got shape "
+                             f"{tuple(normalizer.shape)}")
     if aggregation == "token-mean":
-        return m / m.sum().clamp_min(1.0)
+        return m / (m.sum().clamp_min(1.0) if normalizer is None else normalizer)
     lengths = m.sum(dim=1, keepdim=True)
-    n_seqs = (lengths > 0).sum().clamp_min(1).to(torch.float32)
+    n_seqs = ((lengths > 0).sum().clamp_min(1).to(torch.float32) if normalizer is None
+              else normalizer)
     if aggregation == "seq-mean-token-mean":
         return m / lengths.clamp_min(1.0) / n_seqs
     if aggregation == "seq-mean-token-sum":

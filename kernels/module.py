@@ -13,18 +13,23 @@ class StableReinforceLoss(nn.Module):
 
     ``forward(logp, old_logp, advantages, mask, ref_logp=None)`` works from log-probs;
     ``fused(hidden, weight, targets, old_logp, advantages, mask, ref_logp=None)`` goes from
-    hidden states and the lm_head weight in one fused pass. Both return ``(loss, stats)``.
+    hidden states and the lm_head weight without ``[tokens × vocab]`` logits. Both return
+    ``(loss, stats)`` and take the per-call ``normalizer``, ``is_weights`` and
+    ``reduction`` of the functional API; ``old_logp=None`` is the on-policy case.
     """
 
     def __init__(self, *, preclip=DEFAULT_PRECLIP, clip_eps=(0.2, 0.2), dual_clip=None,
                  kl_coef=0.0, kl_estimator="k3", aggregation="token-mean", temperature=1.0,
-                 filter_eps=None, backend="auto"):
+                 entropy_coef=0.0, filter_eps=None, backend="auto"):
         super().__init__()
         # Validate once, up front, so a bad setting fails at construction.
         self.settings = LossSettings(preclip=preclip, clip_eps=tuple(clip_eps),
                                      dual_clip=dual_clip, kl_coef=kl_coef,
                                      kl_estimator=kl_estimator, aggregation=aggregation)
+        if entropy_coef < 0:
+            raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
         self.temperature = temperature
+        self.entropy_coef = entropy_coef
         self.filter_eps = filter_eps
         self.backend = backend
 
@@ -33,16 +38,22 @@ class StableReinforceLoss(nn.Module):
         return dict(preclip=s.preclip, clip_eps=s.clip_eps, dual_clip=s.dual_clip,
                     kl_coef=s.kl_coef, kl_estimator=s.kl_estimator, aggregation=s.aggregation)
 
-    def forward(self, logp, old_logp, advantages, mask, ref_logp=None):
+    def forward(self, logp, old_logp, advantages, mask, ref_logp=None, *, normalizer=None,
+                is_weights=None, reduction="aggregate"):
         return stable_reinforce_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp,
-                                     **self._kwargs())
+                                     normalizer=normalizer, is_weights=is_weights,
+                                     reduction=reduction, **self._kwargs())
 
     def fused(self, hidden: torch.Tensor, weight: torch.Tensor, targets, old_logp, advantages,
-              mask, ref_logp=None, bias=None, return_entropy=False):
+              mask, ref_logp=None, bias=None, return_entropy=False, *, normalizer=None,
+              is_weights=None, reduction="aggregate"):
         return fused_stable_reinforce_loss(
             hidden, weight, targets, old_logp, advantages, mask, ref_logp=ref_logp,
             bias=bias, temperature=self.temperature, return_entropy=return_entropy,
-            filter_eps=self.filter_eps, backend=self.backend, **self._kwargs())
+            normalizer=normalizer, is_weights=is_weights, entropy_coef=self.entropy_coef,
+            reduction=reduction, filter_eps=self.filter_eps, backend=self.backend,
+            **self._kwargs())
 
     def extra_repr(self):
-        return f"{self.settings}, temperature={self.temperature}, backend={self.backend!r}"
+        return (f"{self.settings}, temperature={self.temperature}, "
+                f"entropy_coef={self.entropy_coef}, backend={self.backend!r}")
