@@ -16,6 +16,7 @@ from .loss_math import (
     DEFAULT_PRECLIP,
     LossSettings,
     broadcast_advantages,
+    kl_penalty,
     loss_and_grad,
     loss_stats,
     per_token_loss,
@@ -142,9 +143,10 @@ def stable_reinforce_loss(logp, old_logp, advantages, mask, *, ref_logp=None,
     ``advantages`` is per token ``[B, T]`` or per sequence ``[B]``; ``mask`` ``[B, T]``
     marks response tokens. ``old_logp=None`` is the on-policy case (old = ``logp``
     detached: ratio 1, policy-gradient gradient, no extra forward for old log-probs).
-    ``is_weights`` ``[B, T]`` or ``[B]`` multiply each token's loss (detached importance
-    weights, e.g. trainer/sampler mismatch). ``normalizer`` replaces the aggregation's
-    local denominator by a global one (see :func:`token_weights`). ``reduction="none"``
+    ``is_weights`` ``[B, T]`` or ``[B]`` multiply each token's policy term (detached
+    importance weights, e.g. trainer/sampler mismatch; the KL term is not weighted).
+    ``normalizer`` replaces the aggregation's local denominator by a global one (see
+    :func:`token_weights`). ``reduction="none"``
     returns the per-token loss ``[B, T]`` (importance-weighted, 0 off the mask) for the
     caller's own aggregation. Returns ``(loss, stats)``; stats are detached 0-dim tensors:
     preclip_frac, clip_frac, ratio_mean/max/min, log-ratio quantiles, approx_kl (ref_kl).
@@ -160,9 +162,12 @@ def stable_reinforce_loss(logp, old_logp, advantages, mask, *, ref_logp=None,
     valid = mask.bool()
     old = old_logp.to(cd)
     ref = None if ref_logp is None else ref_logp.to(cd)
-    loss_t = per_token_loss(logp.to(cd), old, adv, ref, s)
-    if isw is not None:
-        loss_t = loss_t * isw.to(cd)
+    if isw is None:
+        loss_t = per_token_loss(logp.to(cd), old, adv, ref, s)
+    else:  # the weights correct the policy term only, as in verl, TRL and OpenRLHF
+        loss_t = per_token_loss(logp.to(cd), old, adv, None, s) * isw.to(cd)
+        if s.kl_coef > 0 and ref is not None:
+            loss_t = loss_t + s.kl_coef * kl_penalty(logp.to(cd), ref, s.kl_estimator)
     loss_t = torch.where(valid, loss_t, torch.zeros_like(loss_t))
     w = token_weights(mask, s.aggregation, normalizer).to(cd)
     f32 = [None if t is None else t.float() for t in (old, adv, ref)]
@@ -205,7 +210,8 @@ def fused_stable_reinforce_loss(hidden, weight, targets, old_logp, advantages, m
     kw = dict(ref_logp=ref_logp, preclip=s.preclip, clip_eps=s.clip_eps, dual_clip=s.dual_clip,
               kl_coef=s.kl_coef, kl_estimator=s.kl_estimator, aggregation=s.aggregation,
               normalizer=normalizer, is_weights=is_weights)
-    if old_logp is None or reduction == "none" or entropy_coef > 0:
+    kl_weighted = is_weights is not None and s.kl_coef > 0 and ref_logp is not None
+    if old_logp is None or reduction == "none" or entropy_coef > 0 or kl_weighted:
         # Two steps: log-probs (and entropy) by the kernels, then the O(tokens) loss math.
         tgt = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
         with_ent = return_entropy or entropy_coef > 0

@@ -178,3 +178,20 @@ def test_entropy_grad_needs_return_entropy():
     h, w, y, *_ = _problem()
     with pytest.raises(ValueError, match="entropy_grad=True needs return_entropy=True"):
         token_logprobs(h, w, y, entropy_grad=True, backend="torch")
+
+
+def test_importance_weights_leave_the_kl_term_unweighted():
+    h, w, y, mask, adv, old = _problem(7)
+    ref = old + 0.2
+    isw = torch.full((B, T), 2.0)
+    lp = _oracle_lp_ent(h, w, y)[0]
+    s = LossSettings(kl_coef=0.1)
+    a = adv.double()[:, None].expand(B, T)
+    want_t = 2.0 * per_token_loss(lp, old.double(), a, None, LossSettings()) + \
+        0.1 * (torch.exp(ref.double() - lp) - (ref.double() - lp) - 1)
+    want = (token_weights(mask, "token-mean").double() * torch.where(mask, want_t, 0)).sum()
+    got, _ = stable_reinforce_loss(lp, old, adv, mask, ref_logp=ref, kl_coef=s.kl_coef, is_weights=isw)
+    torch.testing.assert_close(got, want)
+    fused, _ = fused_stable_reinforce_loss(h, w, y, old, adv, mask, ref_logp=ref, kl_coef=0.1,
+                                           is_weights=isw, backend="torch")
+    torch.testing.assert_close(fused.double(), want, atol=1e-6, rtol=1e-5)
