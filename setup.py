@@ -6,13 +6,20 @@ already taken on PyPI).
 """
 from setuptools import setup
 
+# The trainers r1reward.integrations plugs into, and what verl needs at import. verl itself
+# goes in with --no-deps (see README): its pin transformers<5.11 would downgrade the
+# transformers this project is tested on, and its policy-loss API does not depend on it.
+INTEGRATION_PEERS = ["trl==1.16.*", "ray", "tensordict>=0.8,<=0.10,!=0.9.0", "codetiming",
+                     "hydra-core", "omegaconf", "pylatexenc"]
+
 setup(
     name="r1reward",
     version="0.1.0",
     description="Fast StableReinforce (R1-Reward) trainer for generative multimodal reward models",
     python_requires=">=3.10",
-    packages=["r1reward", "r1reward.kernels"],
-    package_dir={"r1reward": "r1reward", "r1reward.kernels": "kernels"},
+    packages=["r1reward", "r1reward.kernels", "r1reward.integrations"],
+    package_dir={"r1reward": "r1reward", "r1reward.kernels": "kernels",
+                 "r1reward.integrations": "r1reward/integrations"},
     install_requires=[
         # torch is pinned by the README/CI install line (CPU wheel); a range here keeps
         # GPU users free to bring their own CUDA build.
@@ -31,11 +38,12 @@ setup(
         "httpx>=0.24",
     ],
     extras_require={
+        "integrations": INTEGRATION_PEERS,
         "triton": ["triton>=3.1"],
         "gpu": ["triton>=3.1", "nvidia-ml-py", "flash-attn"],
         "bench": ["liger-kernel", "cut-cross-entropy"],
         # The tests also check the benchmark peers compute the same loss, and build the wheel.
         "test": ["pytest", "ruff>=0.6", "triton>=3.1", "setuptools>=70.1", "liger-kernel",
-                 "cut-cross-entropy"],
+                 "cut-cross-entropy", *INTEGRATION_PEERS],
     },
 )

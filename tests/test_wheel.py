@@ -16,6 +16,8 @@ def test_wheel_exposes_kernels_under_r1reward_only(tmp_path):
     assert "kernels" not in top_level, f"wheel installs a top-level 'kernels': {sorted(top_level)}"
     assert "r1reward/kernels/__init__.py" in names
     assert "r1reward/kernels/functional.py" in names
+    assert "r1reward/kernels/entropy.py" in names
+    assert {"r1reward/integrations/trl.py", "r1reward/integrations/verl.py"} <= set(names)
     # Installed from that wheel into a scratch target, the public API imports.
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
