@@ -6,8 +6,11 @@ client's mistakes, 500 only for a model failure, 503 when busy):
 - ``GET /health`` (also HEAD)
 - ``POST /get_reward``: OpenRLHF's remote reward protocol: ``{"query": [...],
   "prompts": [...], "labels": [...]?, "images": [...]?}`` -> ``{"rewards": [...]}``; the
-  response is ``query`` minus its ``prompts`` prefix, the reward is the debiased
-  probability that it beats ``labels[i]`` (a string; null or "" for the baseline answer).
+  response is ``query`` minus its ``prompts`` prefix (special tokens kept, image pads
+  expanded, as OpenRLHF decodes it: :mod:`r1reward.reward_query`), the question is the
+  prompt's last user turn, the reward is the debiased probability that the response beats
+  ``labels[i]`` (a string; null or "" for the baseline answer; a JSON object
+  ``{"reference", "image"}`` also brings the image OpenRLHF does not send).
 - ``POST /judge``: ``{"image", "question", "response_1", "response_2", "k"}`` ->
   ``{"verdict", "votes", "score", ...}``.
 
@@ -54,6 +57,7 @@ from PIL import Image
 
 from .images import ImageTooLarge, open_image
 from .judge import JudgeCancelled, PairRequest
+from .reward_query import parse_label, question_of, split_response
 from .serve_http import ClientGone, GuardedHTTPServer, HTTPError, JSONRequestHandler
 
 __all__ = ["Limits", "Batcher", "HTTPError", "RewardHTTPServer", "make_server", "load_request_image",
@@ -285,9 +289,9 @@ def _path_under_root(value: str, root: str, field: str):
     except (OSError, ValueError):  # e.g. a lone surrogate the file system cannot encode
         return None, HTTPError(400, f"field {field!r} is neither base64 nor a valid path")
     if not inside:
-        return None, HTTPError(403, f"image path escapes --image-root: {value[:200]}")
+        return None, HTTPError(403, f"field {field!r}: image path escapes --image-root: {value[:200]}")
     if not is_file:
-        return None, HTTPError(400, f"image not found under --image-root: {value[:200]}")
+        return None, HTTPError(400, f"field {field!r}: image not found under --image-root: {value[:200]}")
     return path, None
 
 
@@ -505,9 +509,14 @@ def handle_get_reward(server, body, client):
         _utf8(q, f"'query'[{i}]")
         _utf8(prompt, f"'prompts'[{i}]")
         _utf8(label or "", f"'labels'[{i}]")
-        response = q[len(prompt):] if prompt and q.startswith(prompt) else q
-        reqs.append((f"query[{i}]", prompt, response.strip(), label or baseline))
-        refs.append((f"images[{i}]", lists["images"][i] if lists["images"] else None))
+        try:
+            response = split_response(q, prompt)
+            reference, label_image = parse_label(label)
+        except ValueError as e:
+            raise HTTPError(400, f"query[{i}] / labels[{i}]: {e}") from None
+        image = lists["images"][i] if lists["images"] else None
+        reqs.append((f"query[{i}]", question_of(prompt), response, reference or baseline))
+        refs.append((f"images[{i}]", image) if image is not None else (f"labels[{i}].image", label_image))
     judgments = _judge_pairs(server, reqs, refs, k, client)
     return {"rewards": [j.score for j in judgments]}
 
