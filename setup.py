@@ -6,9 +6,9 @@ already taken on PyPI).
 """
 from setuptools import setup
 
-# The trainers r1reward.integrations plugs into, and what verl needs at import. verl itself
-# goes in with --no-deps (see README): its pin transformers<5.11 would downgrade the
-# transformers this project is tested on, and its policy-loss API does not depend on it.
+# The trainers r1reward.integrations plugs into, and what verl needs at import. verl and
+# openrlhf go in with --no-deps (see README): their transformers pins would move the
+# transformers this project is tested on, and their loss code does not depend on them.
 INTEGRATION_PEERS = ["trl==1.16.*", "ray", "tensordict>=0.8,<=0.10,!=0.9.0", "codetiming",
                      "hydra-core", "omegaconf", "pylatexenc"]
 
