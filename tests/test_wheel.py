@@ -17,7 +17,7 @@ def test_wheel_exposes_kernels_under_r1reward_only(tmp_path):
     assert "r1reward/kernels/__init__.py" in names
     assert "r1reward/kernels/functional.py" in names
     assert "r1reward/kernels/entropy.py" in names
-    assert {"r1reward/integrations/trl.py", "r1reward/integrations/verl.py"} <= set(names)
+    assert {f"r1reward/integrations/{m}.py" for m in ("trl", "verl", "openrlhf", "hf")} <= set(names)
     # Installed from that wheel into a scratch target, the public API imports.
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",

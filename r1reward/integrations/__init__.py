@@ -1,7 +1,8 @@
 """StableReinforce inside the RL trainers people already use.
 
-One module per trainer, each importing only its own package (imported on demand):
-``r1reward.integrations.verl`` (a registered policy loss and a filtered advantage
-estimator) and ``r1reward.integrations.trl`` (a ``GRPOTrainer`` subclass). Each is tested
-against the real installed package (``tests/test_integrations_*.py``).
+One module per trainer, each importing only its own package (import the one you need):
+``r1reward.integrations.trl`` (a ``GRPOTrainer`` subclass), ``.verl`` (a registered
+policy loss and filtered advantage estimators), ``.openrlhf`` (a ``PolicyLoss``
+drop-in) and ``.hf`` (a ``transformers.Trainer`` whose ``compute_loss`` is the fused
+loss). Each is tested against the real installed package (``tests/test_integrations_*``).
 """
