@@ -217,12 +217,14 @@ ALIASES = {
 
 
 def _arg_type(tp):
-    """(argparse type, is_bool) for a dataclass field annotation (strings under PEP 563)."""
+    """(argparse type, is_bool, optional) for a dataclass field annotation (strings under
+    PEP 563); ``optional``: the field accepts None (spelled none/null on the command line)."""
     if isinstance(tp, str):
         tp = eval(tp, vars(typing), {"str": str, "int": int, "float": float, "bool": bool})
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    all_args = typing.get_args(tp)
+    args = [a for a in all_args if a is not type(None)]
     base = args[0] if args else tp
-    return base, base is bool
+    return base, base is bool, type(None) in all_args
 
 
 def _fields(prefix: str, cls):
@@ -243,13 +245,14 @@ def build_parser(prog: str = "python -m r1reward.train") -> argparse.ArgumentPar
     for dotted, f, default in _fields("", JobConfig):
         if dotted == "preset":
             continue
-        base, is_bool = _arg_type(f.type)
+        base, is_bool, optional = _arg_type(f.type)
         names = [f"--{dotted}"] + ([inverse[dotted]] if dotted in inverse else [])
         kw = dict(dest=dotted, default=argparse.SUPPRESS, help=f"(default: {default})")
         if is_bool:
             p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
         else:
-            p.add_argument(*names, type=_none_or(base), **kw)
+            # only an Optional field reads "none" as None: --reward.judge none is a name
+            p.add_argument(*names, type=_none_or(base) if optional else base, **kw)
     return p
 
 

@@ -144,3 +144,9 @@ def test_adamw8bit_without_torchao_is_a_clear_error():
     cfg = parse_args(["--optim.name", "adamw8bit"])
     with pytest.raises(ImportError, match="torchao"):
         build_optimizer(cfg, torch.nn.Linear(2, 2))
+
+
+def test_none_is_a_name_for_choices_and_null_only_for_optional_fields():
+    # before: "--reward.judge none" became None and was refused as an unknown judge
+    cfg = parse_args(["--reward.judge", "none", "--model.path", "none", "--sft.seed", "null"])
+    assert cfg.reward.judge == "none" and cfg.model.path is None and cfg.sft.seed is None
