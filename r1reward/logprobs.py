@@ -139,7 +139,8 @@ class FusedLMHead(nn.Linear):
     ``head(h)`` is the ordinary linear layer (HF generate). ``head(h, targets=...)`` returns
     per-token log-probs (and entropy). ``head(h, targets=..., old_logp=..., advantages=...,
     mask=...)`` returns ``(loss, stats)`` from the public :class:`StableReinforceLoss`
-    module it holds (one place maps settings to kernel arguments).
+    module it holds (one place maps settings to kernel arguments); ``old_logp=None`` there
+    is the on-policy loss (ratio 1).
     """
 
     loss_fn: StableReinforceLoss
@@ -171,7 +172,7 @@ class FusedLMHead(nn.Linear):
         if targets is None:
             return F.linear(hidden, self.weight, self.bias)
         fn = self.loss_fn
-        if old_logp is None:
+        if advantages is None:
             return token_logprobs(hidden, self.weight, targets, bias=self.bias,
                                   temperature=fn.temperature, return_entropy=return_entropy,
                                   backend=fn.backend)

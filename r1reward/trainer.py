@@ -143,6 +143,20 @@ class UpdateResult:
 
 
 # ------------------------------------------------------------------------ components
+def needs_logprobs(cfg: JobConfig) -> tuple[bool, bool]:
+    """(old, reference) log-probs needed before the update: the reference for the KL
+    (reward penalty and its metric), the old ones for that KL or an off-policy update
+    (several mini-batches or epochs per rollout)."""
+    a = cfg.algo
+    on_policy = (a.train_batch_size in (0, cfg.rollout.batch_size)) and a.ppo_epochs == 1
+    kl = a.kl_coef > 0
+    return kl or not on_policy, kl
+
+
+def _rows(t, rows):
+    return None if t is None else t[rows]
+
+
 def loss_module(cfg: JobConfig) -> StableReinforceLoss:
     """The one place the config's loss settings become kernel arguments."""
     a = cfg.algo
@@ -216,15 +230,17 @@ class Trainer:
         cfg, d = self.cfg, self.d
         dtype = model_dtype(cfg, d.device)
         policy, processor = load_model_and_processor(init_dir, dtype=dtype, device=d.device)
-        ref, _ = load_model_and_processor(init_dir, dtype=dtype, device=d.device)
-        ref.requires_grad_(False).eval()
         loss = loss_module(cfg)
         FusedLMHead.install(policy, loss=loss, backend=loss.backend, temperature=loss.temperature)
-        FusedLMHead.install(ref, backend=loss.backend, temperature=loss.temperature)
         p = cfg.parallel
         parallelize(policy, fsdp=p.fsdp, compile=p.compile, ac=p.ac, device=d.device)
-        parallelize(ref, fsdp=p.fsdp, compile=p.compile, ac=False, device=d.device, trainable=False)
         policy.train()
+        ref = None
+        if needs_logprobs(cfg)[1]:  # no KL: no reference model in memory
+            ref, _ = load_model_and_processor(init_dir, dtype=dtype, device=d.device)
+            ref.requires_grad_(False).eval()
+            FusedLMHead.install(ref, backend=loss.backend, temperature=loss.temperature)
+            parallelize(ref, fsdp=p.fsdp, compile=p.compile, ac=False, device=d.device, trainable=False)
         return policy, ref, processor
 
     # ---------------------------------------------------------------- state
@@ -331,10 +347,16 @@ class Trainer:
                                n_samples=r.n_samples, balance=r.balance_positions,
                                offset=start + d.rank * per_rank)
 
-    def logprobs(self, ro: rollout.Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Old (rollout-policy) and reference log-probs, once per rollout."""
+    def logprobs(self, ro: rollout.Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Old (rollout-policy) and reference log-probs, once per rollout, each only when
+        something reads it: None when the update is on-policy (one optimizer step on the
+        rollout: the loss uses the current log-probs, ratio 1, and the forward is saved)
+        and no KL is asked for."""
         mb = self.cfg.algo.micro_batch_size
-        return sequence_logprobs(self.policy, ro.batch, mb), sequence_logprobs(self.ref, ro.batch, mb)
+        need_old, need_ref = needs_logprobs(self.cfg)
+        old = sequence_logprobs(self.policy, ro.batch, mb) if need_old else None
+        ref = sequence_logprobs(self.ref, ro.batch, mb) if need_ref else None
+        return old, ref
 
     def score(self, ro: rollout.Rollout):
         r = self.cfg.reward
@@ -408,7 +430,7 @@ class Trainer:
         for part in micro_batches(len(idx), self.cfg.algo.micro_batch_size):
             rows = [idx[i] for i in part]
             mb = ro.batch.select(rows)
-            loss, st = policy_loss(self.policy, mb, old_lp[rows], adv[rows], ref_lp[rows],
+            loss, st = policy_loss(self.policy, mb, _rows(old_lp, rows), adv[rows], _rows(ref_lp, rows),
                                    return_entropy=True)
             scaled = loss * (unit[rows].sum() / total_units)
             scaled.backward()
@@ -437,7 +459,6 @@ class Trainer:
             "consistency_rate": (rw.consistency > 0).float().mean().item(),
             "inconsistent_rate": (rw.consistency < 0).float().mean().item(),
             "judge_failures": rw.judge_failures, "parse_failures": rw.parse_failures,
-            "kl": ((kl_per_token(old_lp, ref_lp, "k1") * m).sum() / m.sum().clamp_min(1)).item(),
             "preclip_frac": upd.stats["preclip_frac"], "clip_frac": upd.stats["clip_frac"],
             "filtered_frac": (filtered.float().sum() / m.sum().clamp_min(1)).item(),
             **{k: upd.stats[k] for k in (*WEIGHTED_STATS, *EXTREME_STATS)
@@ -449,6 +470,8 @@ class Trainer:
             **{f"time_{k}": v for k, v in times.items()},
             "time_step": t_step, "tokens_per_s": n_tok / max(t_step, 1e-9),
         }
+        if old_lp is not None and ref_lp is not None:  # KL(old ‖ ref) when both were computed
+            row["kl"] = ((kl_per_token(old_lp, ref_lp, "k1") * m).sum() / m.sum().clamp_min(1)).item()
         row = global_mean(d, row)
         for k in ("judge_failures", "parse_failures"):
             row[k] = int(round(row[k] * d.world))

@@ -174,6 +174,30 @@ def test_minibatch_schedule_old_logprobs_once_and_off_policy_steps(tmp_path, mon
     assert max(x["ratio_max"] for x in r) > 1.0  # off-policy mini-batches moved the ratio
 
 
+def test_on_policy_update_without_kl_skips_old_and_reference_forwards(tmp_path, monkeypatch):
+    # One optimizer step per rollout and no KL: the old log-probs would equal the loss's
+    # own (ratio 1), so neither they nor the reference model are computed or loaded.
+    import r1reward.trainer as trainer_mod
+    calls = {"logprobs": 0}
+    real_lp = trainer_mod.sequence_logprobs
+
+    def counting_lp(*a, **k):
+        calls["logprobs"] += 1
+        return real_lp(*a, **k)
+    monkeypatch.setattr(trainer_mod, "sequence_logprobs", counting_lp)
+    out = tmp_path / "run"
+    summary = run(parse_args(tiny_args(out, "--steps", "2", "--algo.kl_coef", "0", "--no-eval.enabled",
+                                       "--no-checkpoint.export", "--no-sft.enabled")))
+    r = rows(out)
+    assert calls["logprobs"] == 0 and len(r) == 2 and summary["steps"] == 2
+    assert all(x["ratio_max"] == pytest.approx(1.0) and x["clip_frac"] == 0 for x in r if x["ratio_max"])
+    assert all("kl" not in x for x in r)  # no reference, no KL to report
+    assert trainer_mod.needs_logprobs(parse_args(tiny_args(out, "--algo.kl_coef", "0"))) == (False, False)
+    assert trainer_mod.needs_logprobs(parse_args(tiny_args(out, "--algo.kl_coef", "0",
+                                                           "--algo.ppo_epochs", "2"))) == (True, False)
+    assert trainer_mod.needs_logprobs(parse_args(tiny_args(out))) == (True, True)  # default KL 1e-3
+
+
 QUICK = ("--no-eval.enabled", "--no-checkpoint.export", "--no-sft.enabled", "--checkpoint.interval", "1")
 
 
