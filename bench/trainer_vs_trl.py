@@ -10,8 +10,9 @@ has none), GRPO advantages over G samples per prompt, sampling temperature 1 and
 generation length, AdamW (lr, betas, no decay, constant schedule, grad clip 1), one
 on-policy optimizer step per RL step, no KL, the torch thread count. Each side runs in its
 own process (``bench._trainer_side``) so peak memory is its own. The first step is warm-up
-and not counted. Afterwards both final policies get the same greedy held-out evaluation
-(every pair in both orders). Prints one JSON object per side and a table; writes
+and not counted; the sides run ``--repeats`` times, interleaved, and the table shows
+medians. Afterwards both final policies get the same greedy held-out evaluation (every
+pair in both orders). Prints one JSON object per run and a table; writes
 ``<out>/trainer_vs_trl.json``.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +69,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def combine(side: str, runs: list[dict], before: float) -> dict:
+    """One row per side: medians of the timings over repeats, the largest peak memory,
+    the last repeat's accuracy (every repeat starts from the same seed)."""
+    med = {k: statistics.median(r[k] for r in runs)
+           for k in ("s_per_step", "rollout_s", "update_s", "response_tokens_per_s", "mean_response_len")}
+    return {**runs[-1], **med, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "repeats": len(runs),
+            "heldout_acc_before": before}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=6, help="RL steps per side (the first is warm-up)")
@@ -80,6 +91,7 @@ def main(argv=None):
     p.add_argument("--heldout", type=int, default=64, help="held-out pairs (each judged in both orders)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sides", default="r1reward,trl")
+    p.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved; medians reported")
     p.add_argument("--out", default="bench_out/trainer_vs_trl")
     args = p.parse_args(argv)
     if args.steps < 2:
@@ -90,16 +102,20 @@ def main(argv=None):
     from ._trainer_side import heldout_accuracy
 
     before = heldout_accuracy(init_dir, init_dir, heldout, args.max_new_tokens)
-    rows = []
-    for side in args.sides.split(","):
-        row = {**run_side(side, args, init_dir, train, heldout, out), "heldout_acc_before": before}
-        print(json.dumps(row))
-        rows.append(row)
+    sides = args.sides.split(",")
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    for rep in range(args.repeats):  # sides interleaved, so drift of the machine hits both
+        for side in sides:
+            row = run_side(side, args, init_dir, train, heldout, out / f"rep{rep}")
+            print(json.dumps({**row, "repeat": rep}))
+            runs[side].append(row)
+    rows = [combine(side, runs[side], before) for side in sides]
     if len(rows) == 2:
         a, b = rows
-        ratio = b["s_per_step"] / a["s_per_step"]
-        print(f"\nthroughput {a['side']} / {b['side']}: {ratio:.2f}x "
-              f"(seconds per step, steps 2..{args.steps})")
+        per_rep = [y["s_per_step"] / x["s_per_step"] for x, y in zip(runs[a["side"]], runs[b["side"]])]
+        print(f"\nthroughput {a['side']} / {b['side']}: {b['s_per_step'] / a['s_per_step']:.2f}x "
+              f"(median seconds per step, steps 2..{args.steps}; per repeat "
+              f"{', '.join(f'{r:.2f}x' for r in per_rep)})")
     print()
     print(table(rows))
     (out / "trainer_vs_trl.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")

@@ -13,7 +13,7 @@ def test_side_by_side_at_a_toy_size(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "bench.trainer_vs_trl", "--steps", "2", "--prompts", "2", "--samples", "2",
            "--max-new-tokens", "8", "--sft-steps", "10", "--n-train", "16", "--heldout", "2",
-           "--out", str(out)]
+           "--repeats", "1", "--out", str(out)]
     env = {**os.environ, "R1REWARD_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
