@@ -105,8 +105,9 @@ class AlgoConfig:
     ppo_epochs: int = 1
     # Prompts per optimizer step: the rollout batch is split into mini-batches of this
     # many prompts, one optimizer step each (all but the first off-policy); 0 = the whole
-    # rollout batch in one step.
-    train_batch_size: int = 0
+    # rollout batch in one step. The tiny default trains its 32 prompts in 2 × 16, off-policy
+    # like the release (256 in 2 × 128), so Pre-CLIP and the PPO clip have ratios to act on.
+    train_batch_size: int = 16
     micro_batch_size: int = 16
     backend: str = "auto"  # r1reward.kernels backend
 
@@ -330,9 +331,11 @@ def validate(cfg: JobConfig) -> JobConfig:
     need(a.ppo_epochs >= 1, "algo.ppo_epochs", "must be >= 1")
     need(a.micro_batch_size >= 1, "algo.micro_batch_size", "must be >= 1")
     need(a.train_batch_size >= 0, "algo.train_batch_size", "must be >= 0 (0 = the rollout batch)")
+    tb_origin = ("" if "algo.train_batch_size" in getattr(cfg, "explicit", ())
+                 else f" (the {cfg.preset} preset's; pass 0 for one optimizer step per rollout)")
     need(a.train_batch_size == 0 or ro.batch_size % a.train_batch_size == 0,
-         "algo.train_batch_size", f"{a.train_batch_size} must divide --rollout.batch_size "
-                                  f"{ro.batch_size}")
+         "algo.train_batch_size", f"{a.train_batch_size}{tb_origin} must divide "
+                                  f"--rollout.batch_size {ro.batch_size}")
     # rollout
     need(ro.batch_size >= 1, "rollout.batch_size", "must be >= 1")
     need(ro.n_samples >= 1, "rollout.n_samples", "must be >= 1")

@@ -109,7 +109,7 @@ def test_torchrun_two_rank_fsdp_training_run(tmp_path):
     out = tmp_path / "run"
     r = torchrun(["-m", "r1reward.train", "--fsdp", "--output", str(out), "--steps", "2",
                   "--no-progress", "--data.n_train", "8", "--data.n_heldout", "2",
-                  "--no-sft.enabled", "--rollout.batch_size", "4",
+                  "--no-sft.enabled", "--rollout.batch_size", "4", "--algo.train_batch_size", "2",
                   "--rollout.max_new_tokens", "8", "--eval.max_new_tokens", "8",
                   "--checkpoint.interval", "1"],
                  env_extra={"R1REWARD_CACHE": str(tmp_path / "cache")})

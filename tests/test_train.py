@@ -29,7 +29,8 @@ def cache(tmp_path_factory):
 def tiny_args(out, *extra):
     return ["--output", str(out), "--no-progress", "--data.n_train", "12", "--data.n_heldout", "4",
             "--sft.steps", "2", "--sft.n_examples", "4", "--sft.batch_size", "4",
-            "--rollout.batch_size", "4", "--rollout.max_new_tokens", "12",
+            "--rollout.batch_size", "4", "--algo.train_batch_size", "2",
+            "--rollout.max_new_tokens", "12",
             "--eval.max_new_tokens", "12", "--eval.limit", "2", "--algo.micro_batch_size", "4",
             "--algo.backend", BACKEND, *extra]
 
@@ -103,7 +104,8 @@ def test_grad_spike_rolls_back_with_lower_lr(tmp_path, spiking_grads):
         out, "--steps", "4", "--checkpoint.interval", "1", "--no-eval.enabled",
         "--no-checkpoint.export", "--no-sft.enabled", "--health.min_history", "1",
         "--health.max_bad_steps", "1", "--health.max_rollbacks", "2",
-        "--optim.warmup_steps", "0", "--optim.min_lr_ratio", "1")))
+        "--optim.warmup_steps", "0", "--optim.min_lr_ratio", "1",
+        "--algo.train_batch_size", "0")))  # one optimizer step per RL step: step 2's spikes
     r = rows(out)
     assert r[0]["health"] == "ok"
     retries = [x for x in r[1:] if x["step"] == 2]
@@ -186,15 +188,18 @@ def test_on_policy_update_without_kl_skips_old_and_reference_forwards(tmp_path, 
         return real_lp(*a, **k)
     monkeypatch.setattr(trainer_mod, "sequence_logprobs", counting_lp)
     out = tmp_path / "run"
-    summary = run(parse_args(tiny_args(out, "--steps", "2", "--algo.kl_coef", "0", "--no-eval.enabled",
+    summary = run(parse_args(tiny_args(out, "--steps", "2", "--algo.kl_coef", "0",
+                                       "--algo.train_batch_size", "0", "--no-eval.enabled",
                                        "--no-checkpoint.export", "--no-sft.enabled")))
     r = rows(out)
     assert calls["logprobs"] == 0 and len(r) == 2 and summary["steps"] == 2
     assert all(x["ratio_max"] == pytest.approx(1.0) and x["clip_frac"] == 0 for x in r if x["ratio_max"])
     assert all("kl" not in x for x in r)  # no reference, no KL to report
-    assert trainer_mod.needs_logprobs(parse_args(tiny_args(out, "--algo.kl_coef", "0"))) == (False, False)
-    assert trainer_mod.needs_logprobs(parse_args(tiny_args(out, "--algo.kl_coef", "0",
-                                                           "--algo.ppo_epochs", "2"))) == (True, False)
+    on_policy = ("--algo.kl_coef", "0", "--algo.train_batch_size", "0")
+    assert trainer_mod.needs_logprobs(parse_args(tiny_args(out, *on_policy))) == (False, False)
+    two_epochs = parse_args(tiny_args(out, *on_policy, "--algo.ppo_epochs", "2"))
+    assert trainer_mod.needs_logprobs(two_epochs) == (True, False)
+    assert trainer_mod.needs_logprobs(parse_args(tiny_args(out, "--algo.kl_coef", "0"))) == (True, False)
     assert trainer_mod.needs_logprobs(parse_args(tiny_args(out))) == (True, True)  # default KL 1e-3
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from r1reward.config import PRESETS, ConfigError, JobConfig, build_parser, parse_args
+from r1reward.config import PRESETS, ConfigError, JobConfig, build_parser, parse_args, resolve
 
 REQUIRED_FLAGS = ["--model", "--data", "--output", "--steps", "--fsdp", "--compile", "--ac",
                   "--resume", "--seed"]
@@ -150,3 +150,13 @@ def test_none_is_a_name_for_choices_and_null_only_for_optional_fields():
     # before: "--reward.judge none" became None and was refused as an unknown judge
     cfg = parse_args(["--reward.judge", "none", "--model.path", "none", "--sft.seed", "null"])
     assert cfg.reward.judge == "none" and cfg.model.path is None and cfg.sft.seed is None
+
+
+def test_the_tiny_default_is_off_policy_and_a_non_dividing_preset_value_says_where_it_came_from():
+    cfg = parse_args([])
+    assert (cfg.rollout.batch_size, cfg.algo.train_batch_size) == (32, 16)  # 2 optimizer steps per rollout
+    with pytest.raises(ConfigError, match="16 \\(the tiny preset's; pass 0 for one optimizer step per "
+                                          "rollout\\) must divide --rollout.batch_size 8"):
+        resolve({"rollout.batch_size": 8})
+    with pytest.raises(ConfigError, match="--algo.train_batch_size: 3 must divide"):
+        resolve({"algo.train_batch_size": 3})
