@@ -34,7 +34,8 @@ def toy_sizes(monkeypatch, tmp_path):
 
 def test_stability_quick_writes_summary_table_and_plot(toy_sizes, tmp_path):
     out = tmp_path / "exp"
-    E.main(["stability", "--quick", "--output", str(out), "--variants", "stable_reinforce,reinforce_pp"])
+    E.main(["stability", "--quick", "--output", str(out), "--variants", "stable_reinforce,reinforce_pp",
+            "--lr", "1e-3"])
     s = json.loads((out / "summary.json").read_text())
     assert s["setting"]["steps"] == 2 and s["setting"]["seeds"] == 2
     for name in ("stable_reinforce", "reinforce_pp"):
@@ -44,12 +45,17 @@ def test_stability_quick_writes_summary_table_and_plot(toy_sizes, tmp_path):
         assert v["heldout_before"][0] == v["heldout_before"][1]  # one shared cold start
     saved = json.loads((out / "runs" / "reinforce_pp" / "seed1" / "config.json").read_text())
     assert saved["algo"]["preclip"] is False and saved["algo"]["adv_filter"] == "off"
-    assert saved["seed"] == 1 and saved["health"]["enabled"] is False
+    assert saved["seed"] == 1 and saved["health"]["enabled"] is False and saved["optim"]["lr"] == 1e-3
     assert "| reinforce_pp |" in (out / "summary.md").read_text()
     assert (out / "stability.png").stat().st_size > 0
-    mtime = (out / "runs" / "stable_reinforce" / "seed0" / "summary.json").stat().st_mtime
-    E.main(["stability", "--quick", "--output", str(out), "--variants", "stable_reinforce"])
-    assert (out / "runs" / "stable_reinforce" / "seed0" / "summary.json").stat().st_mtime == mtime
+    summary0 = out / "runs" / "stable_reinforce" / "seed0" / "summary.json"
+    mtime = summary0.stat().st_mtime
+    E.main(["stability", "--quick", "--output", str(out), "--variants", "stable_reinforce", "--lr", "1e-3"])
+    assert summary0.stat().st_mtime == mtime  # same settings: reused
+    E.main(["stability", "--quick", "--output", str(out), "--variants", "stable_reinforce", "--seeds", "1"])
+    assert summary0.stat().st_mtime != mtime  # another lr: run again, never mixed
+    config0 = json.loads((out / "runs" / "stable_reinforce" / "seed0" / "config.json").read_text())
+    assert config0["optim"]["lr"] == E.STRESS_LR
 
 
 def test_unknown_variant_is_refused(tmp_path):
