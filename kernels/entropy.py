@@ -13,6 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .chunk_plan import EXTRA_BUDGET_BYTES
+from .torch_chunked import _check_targets
 
 # fp32 logits, log-softmax and its exp are alive together in a chunk's forward/backward.
 _CHUNK_COPIES = 3
@@ -36,9 +37,7 @@ def token_logprobs_entropy(h, weight, targets, *, bias, temperature, ignore_inde
     n, vocab = h.shape[0], weight.shape[0]
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets))
-    if n and (bool((safe < 0).any()) or bool((safe >= vocab).any())):
-        bad = safe[(safe < 0) | (safe >= vocab)][0].item()
-        raise ValueError(f"targets: contains token id {bad} outside [0, V={vocab})")
+    _check_targets(safe, vocab, "the response")
     w32 = weight.to(torch.float32)
     b32 = None if bias is None else bias.to(torch.float32)
     rows = max(1, budget // (_CHUNK_COPIES * 4 * vocab))
