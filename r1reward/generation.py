@@ -21,6 +21,9 @@ class Generation:
     response_ids: torch.Tensor  # [B·n, R]
     response_mask: torch.Tensor  # [B·n, R] 1 up to and including the first end of turn
     texts: list[str]  # decoded responses, special tokens stripped
+    # [B·n, R] log-prob of each generated token under the sampler, 0 past the mask; None
+    # when the engine does not report them (HF generate)
+    sampler_logp: torch.Tensor | None = None
 
 
 def prompt_texts(processor, pairs: list[PreferencePair]) -> list[str]:
@@ -88,10 +91,24 @@ def generate(model, processor, pairs: list[PreferencePair], *, do_sample=False, 
         kw["synced_gpus"] = True
     kw.update(generate_kwargs or {})
     sequences = model.generate(**inputs, **kw)
-    P = inputs["input_ids"].shape[1]
-    resp = sequences[:, P:]
+    return assemble(processor, inputs, sequences[:, inputs["input_ids"].shape[1]:], end_ids,
+                    num_samples)
+
+
+def assemble(processor, inputs, resp: torch.Tensor, end_ids, num_samples: int,
+             lengths: torch.Tensor | None = None, sampler_logp: torch.Tensor | None = None
+             ) -> Generation:
+    """A Generation from the prompt inputs and the responses ``[B·n, R]``, the layout every
+    engine returns: each row's tokens count up to its first end-of-turn token, and no
+    further than ``lengths`` (the engine's own count) when given."""
+    prompt_ids = inputs["input_ids"].to(resp.device).repeat_interleave(num_samples, 0)
     mask = response_mask(resp, end_ids)
+    if lengths is not None:
+        mask = mask * (torch.arange(resp.shape[1], device=resp.device) < lengths[:, None])
     pad = processor.tokenizer.pad_token_id
     texts = processor.batch_decode(torch.where(mask.bool(), resp, torch.full_like(resp, pad)),
                                    skip_special_tokens=True)
-    return Generation(inputs, sequences, P, resp, mask, texts)
+    if sampler_logp is not None:
+        sampler_logp = sampler_logp * mask
+    return Generation(inputs, torch.cat([prompt_ids, resp], 1), prompt_ids.shape[1], resp, mask,
+                      texts, sampler_logp)

@@ -121,14 +121,16 @@ def prepare_data(cfg: JobConfig, d: Dist, out: Path) -> tuple[list, list, dict]:
 
 
 def base_model_dir(cfg: JobConfig, d: Dist) -> Path:
-    """``--model``, or the embedded tiny checkpoint (built once, by rank 0)."""
+    """``--model``, or the embedded tiny checkpoint (built once, by rank 0); the vLLM engine
+    gets its variant with a head size vLLM's CPU attention supports (r1reward.tiny)."""
     if cfg.model.path:
         return Path(cfg.model.path)
-    from r1reward.tiny import default_model_dir
+    from r1reward.tiny import HEADS, VLLM_HEADS, default_model_dir
+    heads = VLLM_HEADS if cfg.rollout.engine == "vllm" else HEADS
     if d.is_main:
-        default_model_dir()
+        default_model_dir(heads)
     barrier()
-    return default_model_dir()
+    return default_model_dir(heads)
 
 
 def cold_start(cfg: JobConfig, d: Dist, base_dir: Path, train_pairs: list

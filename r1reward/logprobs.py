@@ -168,7 +168,7 @@ class FusedLMHead(nn.Linear):
         return model.lm_head
 
     def forward(self, hidden, targets=None, *, old_logp=None, advantages=None, mask=None,
-                ref_logp=None, return_entropy=False):
+                ref_logp=None, is_weights=None, return_entropy=False):
         if targets is None:
             return F.linear(hidden, self.weight, self.bias)
         fn = self.loss_fn
@@ -177,7 +177,8 @@ class FusedLMHead(nn.Linear):
                                   temperature=fn.temperature, return_entropy=return_entropy,
                                   backend=fn.backend)
         return fn.fused(hidden, self.weight, targets, old_logp, advantages, mask,
-                        ref_logp=ref_logp, bias=self.bias, return_entropy=return_entropy)
+                        ref_logp=ref_logp, bias=self.bias, return_entropy=return_entropy,
+                        is_weights=is_weights)
 
 
 def micro_batches(n: int, size: int) -> list[list[int]]:
@@ -202,11 +203,12 @@ def sequence_logprobs(model: nn.Module, batch: SeqBatch, micro_batch_size: int,
 
 
 def policy_loss(model: nn.Module, mb: SeqBatch, old_logp, advantages, ref_logp=None,
-                return_entropy=False):
-    """StableReinforce loss on one micro-batch: decoder → response hidden → fused head."""
+                return_entropy=False, is_weights=None):
+    """StableReinforce loss on one micro-batch: decoder → response hidden → fused head.
+    ``is_weights`` ``[B, R]``: per-token importance weights on the policy term (TIS)."""
     return head_call(model, mb, targets=mb.response_ids, old_logp=old_logp,
                      advantages=advantages, mask=mb.response_mask, ref_logp=ref_logp,
-                     return_entropy=return_entropy)
+                     return_entropy=return_entropy, is_weights=is_weights)
 
 
 def sft_loss(model: nn.Module, mb: SeqBatch):

@@ -9,6 +9,7 @@ patch embed, merger).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,33 @@ def apply_fsdp(model: nn.Module, device: torch.device) -> None:
     # embed, merger) would still be sharded. FSDP2's public hook for such methods makes
     # generate itself run the root's pre-forward (lazy init, unshard) around all of it.
     register_fsdp_forward_method(model, "generate")
+
+
+def sharded_blocks(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units that reshard after every forward (the vision and decoder blocks)."""
+    from torch.distributed.fsdp import FSDPModule
+    return [b for b in vision_blocks(model) + decoder_blocks(model) if isinstance(b, FSDPModule)]
+
+
+@contextmanager
+def unsharded(model: nn.Module, enabled: bool = True):
+    """Keep every block gathered for the body (generation): one all-gather per block, not
+    one per block per decoding step. Yields whether anything was gathered; afterwards the
+    blocks are resharded and reshard after forward again, as :func:`apply_fsdp` set them."""
+    blocks = sharded_blocks(model) if enabled else []
+    if not blocks:
+        yield False
+        return
+    for b in blocks:
+        b.set_reshard_after_forward(False, recurse=False)
+    try:
+        for b in blocks:
+            b.unshard()
+        yield True
+    finally:
+        for b in blocks:
+            b.reshard()
+            b.set_reshard_after_forward(True, recurse=False)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

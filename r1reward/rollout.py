@@ -6,14 +6,13 @@ and no more; the rate of answering "1" is logged.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from r1reward import generation
 from r1reward.data import PreferencePair
+from r1reward.engine import RolloutEngine
 from r1reward.logprobs import SeqBatch, build_seq_batch
 from r1reward.rewards import format_reward, parse_answer
 
@@ -26,6 +25,7 @@ class Rollout:
     preferred: torch.Tensor  # [B·n] gold index per row
     images: list[str]
     n_samples: int
+    sampler_logp: torch.Tensor | None = None  # [B·n, R] the engine's own log-probs, if reported
 
     @property
     def answers(self) -> list[int | None]:
@@ -45,36 +45,25 @@ def present(pairs: list[PreferencePair], balance: bool, offset: int = 0) -> list
     return [p.swapped() if (offset + i) % 2 else p for i, p in enumerate(pairs)]
 
 
-def _generate(model, processor, pairs, **kw):
-    # Ranks generate different lengths; under FSDP every forward is a collective, so all
-    # ranks must keep stepping until the longest finishes (HF's synced_gpus).
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if "synced_gpus" in inspect.signature(generation.generate).parameters:
-            kw["synced_gpus"] = True
-        else:
-            kw["generate_kwargs"] = {"synced_gpus": True}
-    return generation.generate(model, processor, pairs, **kw)
-
-
 @torch.no_grad()
-def collect(model, processor, pairs: list[PreferencePair], *, temperature: float, top_p: float,
-            max_new_tokens: int, n_samples: int = 1, balance: bool = True, offset: int = 0
-            ) -> Rollout:
+def collect(engine: RolloutEngine, pairs: list[PreferencePair], *, temperature: float, top_p: float,
+            max_new_tokens: int, n_samples: int = 1, balance: bool = True, offset: int = 0,
+            forbidden_ids: tuple[int, ...] = ()) -> Rollout:
+    """Sample ``n_samples`` judgments per pair; ``forbidden_ids``: the model's vision
+    placeholder tokens (see build_seq_batch)."""
     shown = present(pairs, balance, offset)
-    was_training = model.training
-    model.eval()
-    gen = _generate(model, processor, shown, do_sample=True, temperature=temperature,
-                    top_p=top_p, max_new_tokens=max_new_tokens, num_samples=n_samples)
-    model.train(was_training)
+    gen = engine.generate(shown, do_sample=True, temperature=temperature, top_p=top_p,
+                          max_new_tokens=max_new_tokens, num_samples=n_samples)
     batch = build_seq_batch(gen.prompt_inputs, gen.sequences, gen.prompt_len, gen.response_mask,
-                            forbidden_ids=vision_placeholder_ids(model))
+                            forbidden_ids=forbidden_ids)
     pref = torch.tensor([p.preferred for p in shown for _ in range(n_samples)])
     images = [p.image for p in shown for _ in range(n_samples)]
-    return Rollout(shown, batch, list(gen.texts), pref, images, n_samples)
+    sampler_logp = None if gen.sampler_logp is None else gen.sampler_logp * batch.response_mask
+    return Rollout(shown, batch, list(gen.texts), pref, images, n_samples, sampler_logp)
 
 
 @torch.no_grad()
-def evaluate(model, processor, pairs: list[PreferencePair], *, batch_size: int,
+def evaluate(engine: RolloutEngine, pairs: list[PreferencePair], *, batch_size: int,
              max_new_tokens: int, both_orders: bool = True) -> dict:
     """Greedy held-out accuracy, each pair shown in both orders (position bias cancels).
 
@@ -85,20 +74,16 @@ def evaluate(model, processor, pairs: list[PreferencePair], *, batch_size: int,
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine = shown[rank::world]
-    was_training = model.training
-    model.eval()
     counts = torch.zeros(4, dtype=torch.float64)  # correct, formatted, answered "1", total
     n_batches = -(-len(shown) // (batch_size * world))  # every rank runs as many batches
     for b in range(n_batches):
         chunk = mine[b * batch_size:(b + 1) * batch_size] or mine[:1] or shown[:1]
         real = len(mine[b * batch_size:(b + 1) * batch_size])
-        gen = _generate(model, processor, chunk, do_sample=False, max_new_tokens=max_new_tokens,
-                        num_samples=1)
+        gen = engine.generate(chunk, do_sample=False, max_new_tokens=max_new_tokens, num_samples=1)
         for p, t in list(zip(chunk, gen.texts))[:real]:
             a = parse_answer(t)
             counts += torch.tensor([float(a == p.preferred), format_reward(t), float(a == 1), 1.0],
                                    dtype=torch.float64)
-    model.train(was_training)
     if world > 1:
         dist.all_reduce(counts)
     n = max(counts[3].item(), 1.0)

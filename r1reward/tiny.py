@@ -51,10 +51,19 @@ BPE_VOCAB = 1200
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112  # images become 2x2 .. 4x4 merged vision tokens
 
 
-def default_model_dir() -> Path:
+# Text attention heads of the embedded model: 4 heads of 16. vLLM's CPU attention has no
+# kernel for head size 16, so the vLLM rollout engine gets the same model with 2 heads of 32.
+HEADS = 4
+VLLM_HEADS = 2
+# M-RoPE's (t, h, w) split of half the head size, per head count.
+MROPE_SECTIONS = {4: [2, 2, 4], 2: [4, 6, 6]}
+
+
+def default_model_dir(heads: int = HEADS) -> Path:
     """The embedded tiny checkpoint, built once under ``$R1REWARD_CACHE`` (default
-    ``~/.cache/r1reward``) and reused."""
-    return build_once(cache_root() / f"tiny-qwen2.5-vl-v{TINY_VERSION}", build_tiny_checkpoint,
+    ``~/.cache/r1reward``) and reused; ``heads`` text attention heads (head size 64/heads)."""
+    name = f"tiny-qwen2.5-vl-v{TINY_VERSION}" + ("" if heads == HEADS else f"-h{heads}")
+    return build_once(cache_root() / name, lambda out: build_tiny_checkpoint(out, heads=heads),
                       marker="config.json")
 
 
@@ -79,13 +88,18 @@ def build_tokenizer():
     return tok
 
 
-def tiny_config(tok):
+def tiny_config(tok, heads: int = HEADS):
     from transformers import Qwen2_5_VLConfig
 
+    hidden = 64
+    if heads not in MROPE_SECTIONS:
+        raise ValueError(f"heads={heads}: the tiny model has {'|'.join(map(str, MROPE_SECTIONS))}")
+    mrope = MROPE_SECTIONS[heads]
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                max_position_embeddings=4096,
+                rope_scaling={"type": "mrope", "mrope_section": mrope},
                 tie_word_embeddings=False, bos_token_id=ids["<|endoftext|>"],
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
@@ -97,14 +111,14 @@ def tiny_config(tok):
                             vision_end_token_id=ids["<|vision_end|>"])
 
 
-def build_tiny_checkpoint(out_dir, seed: int = 0) -> Path:
+def build_tiny_checkpoint(out_dir, seed: int = 0, heads: int = HEADS) -> Path:
     """Write a complete, ``from_pretrained``-loadable tiny Qwen2.5-VL directory."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
-    cfg = tiny_config(tok)
+    cfg = tiny_config(tok, heads)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg)
     model.generation_config.eos_token_id = cfg.text_config.eos_token_id

@@ -1,7 +1,8 @@
 """The StableReinforce RL trainer: one object whose stages read top to bottom.
 
 ``Trainer.run()``: held-out accuracy before RL, then per RL step
-``rollout → logprobs → score → advantages → update (→ health) → log → checkpoint``,
+``rollout → logprobs → score → advantages → update (→ health) → log → checkpoint``
+(the rollout engine, r1reward.engine, takes the policy's weights whenever they changed),
 then held-out accuracy after, export and ``summary.json``. Every stateful part (model and
 optimizer through DCP, the pair stream, RNG, health monitor, progress, the recovery
 ledger) saves and restores its own state, so resume and rollback both mean "restore
@@ -27,11 +28,13 @@ from r1reward.kernels import StableReinforceLoss
 from r1reward.log import logger as log
 from r1reward.logprobs import FusedLMHead, micro_batches, policy_loss, sequence_logprobs
 from r1reward.metrics import MetricsLogger, plot_training_curves
+from r1reward.mismatch import mismatch_stats, tis_weights
 from r1reward.parallelize import Dist, all_reduce_sum, parallelize
 from r1reward.rewards import compute_rewards
 
 # Per-step fields that depend on wall time (everything else must be reproducible).
-TIMING_KEYS = ("time_rollout", "time_logprobs", "time_update", "time_step", "tokens_per_s")
+TIMING_KEYS = ("time_rollout", "time_logprobs", "time_update", "time_step", "tokens_per_s",
+               "rollout_tokens_per_s")
 PHASES = ("rollout", "logprobs", "update")
 # Loss statistics averaged over an RL step's tokens, and those whose extreme is kept
 # (the log-ratio median is averaged; its 5 % / 95 % quantiles keep the widest value).
@@ -142,6 +145,15 @@ class UpdateResult:
     stats: dict
 
 
+@dataclass
+class Sampler:
+    """The rollout engine's log-probs against the trainer's: mismatch statistics and the
+    optional TIS weights (empty when the engine reports no log-probs)."""
+
+    stats: dict
+    is_weights: torch.Tensor | None = None
+
+
 # ------------------------------------------------------------------------ components
 def needs_logprobs(cfg: JobConfig) -> tuple[bool, bool]:
     """(old, reference) log-probs needed before the update: the reference for the KL
@@ -150,7 +162,9 @@ def needs_logprobs(cfg: JobConfig) -> tuple[bool, bool]:
     a = cfg.algo
     on_policy = (a.train_batch_size in (0, cfg.rollout.batch_size)) and a.ppo_epochs == 1
     kl = a.kl_coef > 0
-    return kl or not on_policy, kl
+    # a separate engine sampled: the trainer's own log-probs measure (and correct) the gap
+    separate_sampler = cfg.rollout.engine != "hf"
+    return kl or not on_policy or separate_sampler, kl
 
 
 def _rows(t, rows):
@@ -212,6 +226,10 @@ class Trainer:
         self.held_pairs, self.data_info = held_pairs, data_info
         self.t_start = time.time()
         self.policy, self.ref, self.processor = self._load_models(init_dir)
+        self.engine = self._build_engine(init_dir)
+        # The engine holds weights of version engine_version; the policy's change with every
+        # optimizer step and restore, and the engine is synced lazily before it generates.
+        self.weights_version, self.engine_version = 0, 0
         self.optimizer = build_optimizer(cfg, self.policy)
         self.recovery = Recovery()
         self.schedule = LRSchedule(cfg, self.optimizer, self.recovery)
@@ -243,6 +261,24 @@ class Trainer:
             parallelize(ref, fsdp=p.fsdp, compile=p.compile, ac=False, device=d.device, trainable=False)
         return policy, ref, processor
 
+    def _build_engine(self, init_dir):
+        from r1reward.engine import build_engine
+        r, d = self.cfg.rollout, self.d
+        return build_engine(r.engine, self.policy, self.processor, model_dir=init_dir,
+                            unshard_once=r.hf_unshard_once, dtype=model_dtype(self.cfg, d.device),
+                            seed=self.cfg.seed * 1000 + d.rank, max_model_len=r.vllm_max_model_len,
+                            kv_cache_gb=r.vllm_kv_cache_gb,
+                            gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                            sleep_between=r.vllm_sleep)
+
+    def _engine_ready(self):
+        """The engine, awake and holding the policy's current weights."""
+        self.engine.wake()
+        if self.engine_version != self.weights_version:
+            self.engine.sync_weights(self.policy)
+            self.engine_version = self.weights_version
+        return self.engine
+
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """Everything besides model/optimizer (DCP) and RNG (per rank, by Checkpointer)."""
@@ -262,6 +298,7 @@ class Trainer:
     def restore(self, path: Path, *, keep: tuple[str, ...] = ()) -> None:
         """Model, optimizer, RNG and every state piece from ``path`` (except ``keep``)."""
         self.load_state_dict(self.ckpt.load(path, self.policy, self.optimizer), keep=keep)
+        self.weights_version += 1
 
     def restore_latest(self, *, keep: tuple[str, ...] = ()) -> Path | None:
         """Restore the newest checkpoint that loads; a corrupt one is named and skipped in
@@ -312,6 +349,7 @@ class Trainer:
             if self.bar is not None:
                 self.bar.close()
             self.metrics.close()
+            self.engine.close()
 
     def train_step(self) -> tuple[dict, Decision]:
         """One RL step; returns its metrics row and the health decision."""
@@ -323,11 +361,12 @@ class Trainer:
         t2 = time.time()
         rewards = self.score(ro)
         adv, filtered = self.advantages(rewards.total, ro.batch.response_mask, old_lp, ref_lp)
+        sampler = self.sampler_mismatch(ro, old_lp)
         lr = self.schedule.apply(self.progress.step)
-        upd = self.update(ro, old_lp, ref_lp, adv)
+        upd = self.update(ro, old_lp, ref_lp, adv, sampler.is_weights)
         t3 = time.time()
         times = {"rollout": t1 - t0, "logprobs": t2 - t1, "update": t3 - t2}
-        row = self.log(step, ro, rewards, old_lp, ref_lp, filtered, upd, lr, times)
+        row = self.log(step, ro, rewards, old_lp, ref_lp, filtered, upd, lr, times, sampler)
         if not self._is_rollback(upd.decision):
             self.progress.step = step
             for k in PHASES:
@@ -342,10 +381,14 @@ class Trainer:
         pairs, start = self.stream.take(cfg.rollout.batch_size)
         mine = pairs[d.rank * per_rank:(d.rank + 1) * per_rank]
         r = cfg.rollout
-        return rollout.collect(self.policy, self.processor, mine, temperature=r.temperature,
-                               top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                               n_samples=r.n_samples, balance=r.balance_positions,
-                               offset=start + d.rank * per_rank)
+        try:
+            return rollout.collect(self._engine_ready(), mine, temperature=r.temperature,
+                                   top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                   n_samples=r.n_samples, balance=r.balance_positions,
+                                   offset=start + d.rank * per_rank,
+                                   forbidden_ids=rollout.vision_placeholder_ids(self.policy))
+        finally:
+            self.engine.sleep()
 
     def logprobs(self, ro: rollout.Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Old (rollout-policy) and reference log-probs, once per rollout, each only when
@@ -363,6 +406,21 @@ class Trainer:
         return compute_rewards(ro.texts, ro.preferred, self.judge, r.w_format, r.w_consistency,
                                images=ro.images)
 
+    def sampler_mismatch(self, ro: rollout.Rollout, old_lp) -> Sampler:
+        """How far the engine's log-probs are from the trainer's old ones, and the TIS
+        weights when ``--rollout.tis_cap`` is set."""
+        if ro.sampler_logp is None or old_lp is None:
+            return Sampler({})
+        mask = ro.batch.response_mask
+        stats = mismatch_stats(old_lp, ro.sampler_logp, mask)
+        cap = self.cfg.rollout.tis_cap
+        if cap <= 0:
+            return Sampler(stats)
+        w, frac = tis_weights(old_lp, ro.sampler_logp, mask, cap)
+        stats.update(tis_clip_frac=frac,
+                     tis_weight_mean=(w * mask).sum().item() / max(mask.sum().item(), 1))
+        return Sampler(stats, w)
+
     def advantages(self, rewards, mask, old_lp, ref_lp) -> tuple[torch.Tensor, torch.Tensor]:
         """Estimator then Advantage Filter; returns (advantages, filtered-token mask)."""
         a = self.cfg.algo
@@ -371,7 +429,7 @@ class Trainer:
         adv, raw_mean = registry.ADVANTAGE_ESTIMATORS.get(a.estimator)(x)
         return registry.ADVANTAGE_FILTERS.get(a.adv_filter)(adv, mask, a.filter_k, raw_mean)
 
-    def update(self, ro, old_lp, ref_lp, adv) -> UpdateResult:
+    def update(self, ro, old_lp, ref_lp, adv, is_weights=None) -> UpdateResult:
         """``ppo_epochs`` passes over the rollout in mini-batches, one optimizer step each;
         every step is checked by the health monitor first (a bad one is not applied)."""
         cfg = self.cfg
@@ -387,7 +445,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         for _ in range(cfg.algo.ppo_epochs):
             for idx in micro_batches(rows, rows_per_step):
-                loss, st = self._backward(ro, idx, old_lp, ref_lp, adv)
+                loss, st = self._backward(ro, idx, old_lp, ref_lp, adv, is_weights)
                 for k in WEIGHTED_STATS:
                     stats[k] += st[k] * mask[idx].sum().item() / n_tok / cfg.algo.ppo_epochs
                 for k, pick in EXTREME_STATS.items():
@@ -398,6 +456,7 @@ class Trainer:
                             else Decision(Action.OK))
                 if self._is_ok(decision):
                     self.optimizer.step()
+                    self.weights_version += 1
                 else:
                     self.recovery.skipped_steps += 1
                     self.recovery.rollbacks += self._is_rollback(decision)
@@ -414,7 +473,8 @@ class Trainer:
         return UpdateResult(loss=sum(losses) / max(len(losses), 1), grad_norm=max(norms),
                             decision=decision, optimizer_steps=n_steps, stats=stats)
 
-    def _backward(self, ro, idx: list[int], old_lp, ref_lp, adv) -> tuple[float, dict]:
+    def _backward(self, ro, idx: list[int], old_lp, ref_lp, adv, is_weights=None
+                  ) -> tuple[float, dict]:
         """Backward of one mini-batch (rows ``idx``), micro-batched; returns its loss and
         token-weighted statistics."""
         mask = ro.batch.response_mask
@@ -431,7 +491,7 @@ class Trainer:
             rows = [idx[i] for i in part]
             mb = ro.batch.select(rows)
             loss, st = policy_loss(self.policy, mb, _rows(old_lp, rows), adv[rows], _rows(ref_lp, rows),
-                                   return_entropy=True)
+                                   return_entropy=True, is_weights=_rows(is_weights, rows))
             scaled = loss * (unit[rows].sum() / total_units)
             scaled.backward()
             loss_sum += scaled.item()
@@ -443,7 +503,8 @@ class Trainer:
                     st_sum[k] = pick(st_sum[k], st[k].item())
         return loss_sum, st_sum
 
-    def log(self, step, ro, rw, old_lp, ref_lp, filtered, upd: UpdateResult, lr, times) -> dict:
+    def log(self, step, ro, rw, old_lp, ref_lp, filtered, upd: UpdateResult, lr, times,
+            sampler: Sampler) -> dict:
         """The step's metrics row (averaged over ranks) → metrics.jsonl, TensorBoard, bar."""
         from r1reward.advantages import kl_per_token
         d = self.d
@@ -469,6 +530,8 @@ class Trainer:
             "loss": upd.loss, "grad_norm": upd.grad_norm, "lr": lr,
             **{f"time_{k}": v for k, v in times.items()},
             "time_step": t_step, "tokens_per_s": n_tok / max(t_step, 1e-9),
+            "rollout_tokens_per_s": n_tok / max(times["rollout"], 1e-9),
+            **sampler.stats,
         }
         if old_lp is not None and ref_lp is not None:  # KL(old ‖ ref) when both were computed
             row["kl"] = ((kl_per_token(old_lp, ref_lp, "k1") * m).sum() / m.sum().clamp_min(1)).item()
@@ -517,8 +580,11 @@ class Trainer:
             return {"accuracy": None, "n": 0}
         pairs = self.held_pairs[:e.limit] if e.limit > 0 else self.held_pairs
         t0 = time.time()
-        r = rollout.evaluate(self.policy, self.processor, pairs, batch_size=e.batch_size,
-                             max_new_tokens=e.max_new_tokens)
+        try:
+            r = rollout.evaluate(self._engine_ready(), pairs, batch_size=e.batch_size,
+                                 max_new_tokens=e.max_new_tokens)
+        finally:
+            self.engine.sleep()
         r["seconds"] = time.time() - t0
         log.info("held-out %s: accuracy %.3f format %.3f answer-1 rate %.3f (n=%d, %.1fs)", tag,
                  r["accuracy"], r["format_rate"], r["answer1_rate"], r["n"], r["seconds"])

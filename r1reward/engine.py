@@ -1,0 +1,98 @@
+"""Rollout engines: what generates the judgments the trainer scores and learns from.
+
+An engine generates K samples per prompt (with images) and returns a
+:class:`~r1reward.generation.Generation`: token ids laid out for the trainer's
+teacher-forced forward, texts, and, where the backend reports them, the sampler's own
+per-token log-probs. The trainer tells it when the policy's weights changed
+(:meth:`RolloutEngine.sync_weights`) and when it may hold memory (:meth:`wake` /
+:meth:`sleep`).
+
+- ``hf`` (:class:`HFEngine`): Hugging Face ``generate`` on the policy itself. No second copy
+  of the weights; under FSDP2 the decoder blocks are gathered once per rollout instead of
+  once per decoding step (:func:`r1reward.parallelize.unsharded`).
+- ``vllm`` (:class:`r1reward.engine_vllm.VLLMEngine`): a colocated vLLM engine holding its
+  own copy of the weights, reloaded in place from the policy before each rollout.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch.distributed as dist
+
+from r1reward import generation
+from r1reward.data import PreferencePair
+from r1reward.generation import Generation
+from r1reward.parallelize import unsharded
+
+ENGINES = ("hf", "vllm")
+
+
+class RolloutEngine:
+    """The interface: ``generate`` is required; the rest are no-ops unless a backend
+    keeps its own weights (``sync_weights``) or device memory (``sleep`` / ``wake``)."""
+
+    name = "base"
+    reports_logprobs = False  # Generation.sampler_logp is filled
+
+    def generate(self, pairs: list[PreferencePair], *, do_sample: bool, temperature: float = 1.0,
+                 top_p: float = 1.0, max_new_tokens: int, num_samples: int = 1) -> Generation:
+        raise NotImplementedError
+
+    def sync_weights(self, model) -> None:
+        """Take the trainer's current weights (called before generating after an update)."""
+
+    def wake(self) -> None:
+        """Retake device memory before generating."""
+
+    def sleep(self) -> None:
+        """Give device memory back to training after generating."""
+
+    def close(self) -> None:
+        """Free the engine."""
+
+
+class HFEngine(RolloutEngine):
+    """``generate`` on the training model; ``unshard_once`` gathers FSDP2 blocks once per
+    call rather than once per decoding step (more memory during generation, far fewer
+    all-gathers)."""
+
+    name = "hf"
+
+    def __init__(self, model, processor, *, unshard_once: bool = True):
+        self.model, self.processor, self.unshard_once = model, processor, unshard_once
+
+    def generate(self, pairs, *, do_sample, temperature=1.0, top_p=1.0, max_new_tokens,
+                 num_samples=1) -> Generation:
+        kw = dict(do_sample=do_sample, temperature=temperature, top_p=top_p,
+                  max_new_tokens=max_new_tokens, num_samples=num_samples)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with unsharded(self.model, enabled=self.unshard_once) as gathered:
+                # Sharded blocks all-gather in every forward, a collective: all ranks must keep
+                # stepping until the longest finishes (HF's synced_gpus). Gathered, no forward
+                # communicates and each rank stops at its own length.
+                if not gathered and dist.is_initialized() and dist.get_world_size() > 1:
+                    _set_synced_gpus(kw)
+                return generation.generate(self.model, self.processor, pairs, **kw)
+        finally:
+            self.model.train(was_training)
+
+
+def _set_synced_gpus(kw: dict) -> None:
+    if "synced_gpus" in inspect.signature(generation.generate).parameters:
+        kw["synced_gpus"] = True
+    else:
+        kw["generate_kwargs"] = {"synced_gpus": True}
+
+
+def build_engine(name: str, model, processor, *, model_dir, **options) -> RolloutEngine:
+    """``hf`` or ``vllm``; ``model_dir`` is the checkpoint the policy started from (vLLM loads
+    it, then takes the policy's weights); ``options`` are the backend's settings."""
+    if name == "hf":
+        return HFEngine(model, processor, unshard_once=options.get("unshard_once", True))
+    if name == "vllm":
+        from r1reward.engine_vllm import VLLMEngine
+        return VLLMEngine(model_dir, processor, **{k: v for k, v in options.items()
+                                                   if k != "unshard_once"})
+    raise ValueError(f"rollout engine {name!r}: choose from {'|'.join(ENGINES)}")
