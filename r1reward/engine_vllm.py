@@ -60,7 +60,10 @@ class VLLMEngine(RolloutEngine):
         if self.cuda:
             kw.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep_between)
         else:
-            kw.update(kv_cache_memory_bytes=int(kv_cache_gb * 2**30), enforce_eager=True)
+            # No chunked prefill: vLLM rewinds a seeded request's generator after a partial
+            # prefill, which CPU generators cannot do ("CPU Generator does not use offset").
+            kw.update(kv_cache_memory_bytes=int(kv_cache_gb * 2**30), enforce_eager=True,
+                      enable_chunked_prefill=False)
         self.sleeps = self.cuda and sleep_between
         self.llm = vllm.LLM(**kw)
         self._SamplingParams = vllm.SamplingParams
