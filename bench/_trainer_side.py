@@ -18,13 +18,15 @@ def heldout_accuracy(model_dir, processor_dir, heldout, max_new_tokens) -> float
     from transformers import AutoModelForImageTextToText
 
     from r1reward.data import load_pairs
+    from r1reward.engine import HFEngine
     from r1reward.processor import load_processor
     from r1reward.rollout import evaluate
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     processor = load_processor(processor_dir)
     pairs = load_pairs(heldout).pairs
-    return evaluate(model, processor, pairs, batch_size=32, max_new_tokens=max_new_tokens)["accuracy"]
+    return evaluate(HFEngine(model, processor), pairs, batch_size=32,
+                    max_new_tokens=max_new_tokens)["accuracy"]
 
 
 def run_r1reward(a) -> dict:

@@ -1,25 +1,57 @@
 """Print the sm_80 / sm_90 resource table of every Triton kernel (no GPU needed).
 
-Usage: ``python -m bench.compile_gate [--dtypes bf16,fp16,fp32] [--targets 80,90]``.
-Prints a table, then one JSON line per kernel; exits 1 if any kernel spills or exceeds
-the target's register / shared-memory limits.
+Usage: ``python -m bench.compile_gate [--dtypes bf16,fp16,fp32] [--targets 80,90]
+[--triton 3.6.0]``. Prints a table, then one JSON line per kernel; exits 1 if any kernel
+spills or exceeds the target's register / shared-memory limits.
+
+``--triton VERSION`` runs the gate under that Triton release instead of the installed one
+(the lent GPU image ships Triton 3.6): it is pip-installed once, without dependencies, into
+``$R1REWARD_CACHE/triton-VERSION`` and put first on the path of a child process.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 from r1reward.kernels import compile_gate as cg
+
+
+def triton_release(version: str) -> Path:
+    """A directory holding Triton ``version`` (and nothing else), built once."""
+    from r1reward.cache import build_once, cache_root
+
+    def install(tmp: Path) -> None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                        str(tmp), f"triton=={version}"], check=True)
+    return build_once(cache_root() / f"triton-{version}", install, marker="triton/__init__.py")
+
+
+def run_under(version: str, argv: list[str]) -> int:
+    """This gate in a child process that imports Triton ``version``."""
+    path = triton_release(version)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(path), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return subprocess.run([sys.executable, "-m", "bench.compile_gate", *argv], env=env,
+                          cwd=Path(__file__).resolve().parent.parent).returncode
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", default="bf16,fp16,fp32", help="operand dtypes (bf16,fp16,fp32)")
     ap.add_argument("--targets", default="80,90", help="compute capabilities (80,90)")
+    ap.add_argument("--triton", default=None, metavar="VERSION",
+                    help="run under this Triton release (e.g. 3.6.0, the GPU image's)")
     args = ap.parse_args(argv)
+    if args.triton:
+        import triton
+        if triton.__version__ != args.triton:
+            return run_under(args.triton, ["--dtypes", args.dtypes, "--targets", args.targets])
     dtypes = tuple(d for d in args.dtypes.split(",") if d)
     bad = [d for d in dtypes if d not in cg._TL]
     if bad:
@@ -28,6 +60,8 @@ def main(argv=None) -> int:
     bad = [t for t in targets if t not in cg.SMEM_LIMIT]
     if bad:
         ap.error(f"--targets: unknown {bad}; choose from {sorted(cg.SMEM_LIMIT)}")
+    import triton
+    print(f"# Triton {triton.__version__} ({Path(triton.__file__).parent})")
     t0 = time.time()
     rows = cg.run_gate(targets, dtypes)
     head = (f"{'kernel':<32}{'sm':>4}{'warps':>6}{'stages':>7}{'REG':>5}{'SHARED':>8}"
@@ -42,7 +76,8 @@ def main(argv=None) -> int:
               f"{r.shared_static:>8}{r.shared_dynamic:>10}{r.local:>6}{r.stack:>6}  {status}")
     print(f"# {len(rows)} kernels compiled in {time.time() - t0:.1f} s")
     for r in rows:
-        print(json.dumps({**dataclasses.asdict(r), "problems": r.problems}))
+        print(json.dumps({**dataclasses.asdict(r), "problems": r.problems,
+                          "triton": triton.__version__}))
     return 1 if failed else 0
 
 

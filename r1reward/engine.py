@@ -15,16 +15,12 @@ per-token log-probs. The trainer tells it when the policy's weights changed
 """
 from __future__ import annotations
 
-import inspect
-
 import torch.distributed as dist
 
 from r1reward import generation
 from r1reward.data import PreferencePair
 from r1reward.generation import Generation
 from r1reward.parallelize import unsharded
-
-ENGINES = ("hf", "vllm")
 
 
 class RolloutEngine:
@@ -72,27 +68,9 @@ class HFEngine(RolloutEngine):
                 # Sharded blocks all-gather in every forward, a collective: all ranks must keep
                 # stepping until the longest finishes (HF's synced_gpus). Gathered, no forward
                 # communicates and each rank stops at its own length.
-                if not gathered and dist.is_initialized() and dist.get_world_size() > 1:
-                    _set_synced_gpus(kw)
+                kw["synced_gpus"] = (not gathered and dist.is_initialized()
+                                     and dist.get_world_size() > 1)
                 return generation.generate(self.model, self.processor, pairs, **kw)
         finally:
             self.model.train(was_training)
 
-
-def _set_synced_gpus(kw: dict) -> None:
-    if "synced_gpus" in inspect.signature(generation.generate).parameters:
-        kw["synced_gpus"] = True
-    else:
-        kw["generate_kwargs"] = {"synced_gpus": True}
-
-
-def build_engine(name: str, model, processor, *, model_dir, **options) -> RolloutEngine:
-    """``hf`` or ``vllm``; ``model_dir`` is the checkpoint the policy started from (vLLM loads
-    it, then takes the policy's weights); ``options`` are the backend's settings."""
-    if name == "hf":
-        return HFEngine(model, processor, unshard_once=options.get("unshard_once", True))
-    if name == "vllm":
-        from r1reward.engine_vllm import VLLMEngine
-        return VLLMEngine(model_dir, processor, **{k: v for k, v in options.items()
-                                                   if k != "unshard_once"})
-    raise ValueError(f"rollout engine {name!r}: choose from {'|'.join(ENGINES)}")

@@ -262,14 +262,17 @@ class Trainer:
         return policy, ref, processor
 
     def _build_engine(self, init_dir):
-        from r1reward.engine import build_engine
+        """The rollout engine the config names; vLLM starts from ``init_dir``'s weights."""
         r, d = self.cfg.rollout, self.d
-        return build_engine(r.engine, self.policy, self.processor, model_dir=init_dir,
-                            unshard_once=r.hf_unshard_once, dtype=model_dtype(self.cfg, d.device),
-                            seed=self.cfg.seed * 1000 + d.rank, max_model_len=r.vllm_max_model_len,
-                            kv_cache_gb=r.vllm_kv_cache_gb,
-                            gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-                            sleep_between=r.vllm_sleep)
+        if r.engine == "hf":
+            from r1reward.engine import HFEngine
+            return HFEngine(self.policy, self.processor, unshard_once=r.hf_unshard_once)
+        from r1reward.engine_vllm import VLLMEngine
+        return VLLMEngine(init_dir, self.processor, dtype=model_dtype(self.cfg, d.device),
+                          seed=self.cfg.seed * 1000 + d.rank, max_model_len=r.vllm_max_model_len,
+                          kv_cache_gb=r.vllm_kv_cache_gb,
+                          gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                          sleep_between=r.vllm_sleep)
 
     def _engine_ready(self):
         """The engine, awake and holding the policy's current weights."""

@@ -85,3 +85,24 @@ def test_vocab_splits_fill_the_gpu_and_are_never_empty(rows, tiles, sm):
     assert 1 <= splits <= tiles and (splits - 1) * per < tiles <= splits * per
     if sm and tiles >= 4 * sm:
         assert -(-rows // 64) * splits >= min(4 * sm, -(-rows // 64) * tiles) // 2
+
+
+def test_gate_under_the_gpu_images_triton(tmp_path):
+    # The lent GPU image runs Triton 3.6: the kernels must build there too, not only under
+    # the Triton this environment installs (bench.compile_gate --triton pip-installs it
+    # aside, once, into the cache).
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cache = os.environ.get("R1REWARD_CACHE") or str(tmp_path / "cache")
+    r = subprocess.run([sys.executable, "-m", "bench.compile_gate", "--triton", "3.6.0"],
+                       capture_output=True, text=True, timeout=1200,
+                       env={**os.environ, "R1REWARD_CACHE": cache},
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert rows and all(x["triton"] == "3.6.0" and not x["problems"] for x in rows)
+    assert {x["cc"] for x in rows} == set(cg.TARGETS)

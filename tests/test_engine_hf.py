@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from r1reward import rollout
-from r1reward.engine import HFEngine, build_engine
+from r1reward.engine import HFEngine
 from r1reward.generation import generate
 
 HERE = Path(__file__).resolve().parent
@@ -27,7 +27,7 @@ def test_hf_engine_is_hf_generate_and_keeps_the_model_mode(tiny_dir):
     model, proc = load_model_and_processor(tiny_dir)
     model.train()
     pairs = _pairs(3)
-    engine = build_engine("hf", model, proc, model_dir=tiny_dir)
+    engine = HFEngine(model, proc)
     got = engine.generate(pairs, do_sample=False, max_new_tokens=12)
     assert model.training  # generation ran in eval mode and gave training mode back
     model.eval()

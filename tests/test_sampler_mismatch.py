@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from r1reward import engine as engines
 from r1reward.config import parse_args
 from r1reward.engine import HFEngine
 from r1reward.mismatch import mismatch_stats, tis_weights
@@ -48,8 +47,9 @@ class SkewedSampler(HFEngine):
 @pytest.mark.parametrize("cap", [1.2, 3.0])
 def test_trainer_logs_the_gap_and_truncates_the_weights(tmp_path, monkeypatch, cap):
     monkeypatch.setenv("R1REWARD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(engines, "build_engine",
-                        lambda name, model, proc, **kw: SkewedSampler(model, proc))
+    from r1reward.trainer import Trainer
+    monkeypatch.setattr(Trainer, "_build_engine",
+                        lambda self, init_dir: SkewedSampler(self.policy, self.processor))
     from r1reward import trainer
     seen = []  # the per-token weights the policy loss receives
 
