@@ -25,10 +25,17 @@ def _hf_class(model) -> type:
 
 
 def export_hf(model, processor, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path | None:
-    """Collective under torchrun (every rank must call); rank 0 writes ``out_dir``."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    """An FSDP2-sharded model: collective (every rank must call), rank 0 writes ``out_dir``.
+    A plain model: the calling process writes it (rank 0's cold start, while the other
+    ranks wait elsewhere)."""
+    from torch.distributed.fsdp import FSDPModule
+    sharded = dist.is_initialized() and any(isinstance(m, FSDPModule) for m in model.modules())
+    if sharded:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                    cpu_offload=True))
+        rank = dist.get_rank()
+    else:
+        full, rank = {k: v.detach().cpu() for k, v in model.state_dict().items()}, 0
     out = Path(out_dir)
     if rank == 0:
         # A fresh plain model (plain nn.Linear lm_head, no FSDP/compile wrappers) receives the
@@ -47,6 +54,6 @@ def export_hf(model, processor, out_dir: str | Path, dtype: torch.dtype | None =
         fresh.save_pretrained(out, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(out)
-    if dist.is_initialized():
+    if sharded:
         dist.barrier()
     return out if rank == 0 else None

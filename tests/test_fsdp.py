@@ -105,11 +105,13 @@ if __name__ == "__main__":
 
 
 def test_torchrun_two_rank_fsdp_training_run(tmp_path):
-    # The command on this CPU box: torchrun --nproc_per_node=2 -m r1reward.train --fsdp
+    # The command on this CPU box: torchrun --nproc_per_node=2 -m r1reward.train --fsdp,
+    # with a cold start on a fresh cache (rank 0 trains and exports it while rank 1 waits)
     out = tmp_path / "run"
     r = torchrun(["-m", "r1reward.train", "--fsdp", "--output", str(out), "--steps", "2",
                   "--no-progress", "--data.n_train", "8", "--data.n_heldout", "2",
-                  "--no-sft.enabled", "--rollout.batch_size", "4", "--algo.train_batch_size", "2",
+                  "--sft.steps", "2", "--sft.n_examples", "4", "--sft.batch_size", "4",
+                  "--rollout.batch_size", "4", "--algo.train_batch_size", "2",
                   "--rollout.max_new_tokens", "8", "--eval.max_new_tokens", "8",
                   "--checkpoint.interval", "1"],
                  env_extra={"R1REWARD_CACHE": str(tmp_path / "cache")})
@@ -117,6 +119,7 @@ def test_torchrun_two_rank_fsdp_training_run(tmp_path):
     import json
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert summary["sft"]["steps"] == 2 and summary["sft"]["cached"] is False
     assert 0.0 <= summary["heldout_accuracy_after"] <= 1.0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == [1, 2]

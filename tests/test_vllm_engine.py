@@ -140,3 +140,26 @@ def test_train_with_vllm_rollouts_logs_the_mismatch_and_resumes(tmp_path, vllm_t
         assert x["optimizer_steps"] == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and (out / "export" / "model.safetensors").is_file()
+
+
+def test_two_fsdp_ranks_each_with_an_engine_stay_in_sync(tmp_path, vllm_tiny):
+    # torchrun, 2 ranks, FSDP2, one colocated engine per rank: after every update each
+    # engine takes the gathered weights, so the sampler keeps matching the trainer while
+    # the policy moves (ratios away from 1 show that it does).
+    out = tmp_path / "run"
+    env = {**os.environ, "R1REWARD_CACHE": str(vllm_tiny[2]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "r1reward.train", "--fsdp", "--rollout.engine", "vllm", "--output", str(out),
+           "--steps", "2", "--no-progress", "--data.n_train", "64", "--data.n_heldout", "2",
+           # a short cold start: some judgments end in the format, so rewards differ
+           "--sft.steps", "80", "--sft.n_examples", "64", "--rollout.batch_size", "8",
+           "--algo.train_batch_size", "4", "--rollout.max_new_tokens", "80",
+           "--eval.max_new_tokens", "8", "--rollout.vllm_kv_cache_gb", "0.25",
+           "--rollout.vllm_max_model_len", "2048", "--optim.lr", "3e-3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2]
+    assert max(abs(x["ratio_max"] - 1) for x in rows) > 1e-3  # the policy moved
+    for x in rows:
+        assert x["sampler_logp_diff_max"] < 1e-3, x  # and every engine followed it
