@@ -75,7 +75,7 @@ def engines(args) -> None:
     model_dir = default_model_dir(VLLM_HEADS)
     model, proc = load_model_and_processor(model_dir)
     pairs = _pairs(args.prompts)
-    sides = {"hf": HFEngine(model, proc),
+    sides = {"hf": HFEngine(model, proc), "hf, static cache": HFEngine(model, proc, static_cache=True),
              "vllm": VLLMEngine(model_dir, proc, kv_cache_gb=1.0, max_model_len=2048)}
     for engine in sides.values():
         _time(engine, pairs[:2], args)  # warm-up

@@ -85,6 +85,7 @@ class RolloutConfig:
     tis_cap: float = 0.0
     # hf under FSDP2: gather each block once per rollout, not once per decoding step.
     hf_unshard_once: bool = True
+    hf_static_cache: bool = False  # hf: a preallocated KV cache (bench.rollout_engines)
     vllm_kv_cache_gb: float = 1.0  # CPU: the KV cache's size
     vllm_gpu_memory_utilization: float = 0.4  # GPU: vLLM's share of the device (weights + KV)
     vllm_sleep: bool = True  # GPU: free vLLM's memory while the trainer updates

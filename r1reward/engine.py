@@ -54,13 +54,16 @@ class HFEngine(RolloutEngine):
 
     name = "hf"
 
-    def __init__(self, model, processor, *, unshard_once: bool = True):
+    def __init__(self, model, processor, *, unshard_once: bool = True, static_cache: bool = False):
         self.model, self.processor, self.unshard_once = model, processor, unshard_once
+        # a KV cache preallocated to prompt + max_new_tokens (HF's "static" cache)
+        self.cache_kwargs = {"cache_implementation": "static"} if static_cache else {}
 
     def generate(self, pairs, *, do_sample, temperature=1.0, top_p=1.0, max_new_tokens,
                  num_samples=1) -> Generation:
         kw = dict(do_sample=do_sample, temperature=temperature, top_p=top_p,
-                  max_new_tokens=max_new_tokens, num_samples=num_samples)
+                  max_new_tokens=max_new_tokens, num_samples=num_samples,
+                  generate_kwargs=self.cache_kwargs)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -266,7 +266,8 @@ class Trainer:
         r, d = self.cfg.rollout, self.d
         if r.engine == "hf":
             from r1reward.engine import HFEngine
-            return HFEngine(self.policy, self.processor, unshard_once=r.hf_unshard_once)
+            return HFEngine(self.policy, self.processor, unshard_once=r.hf_unshard_once,
+                            static_cache=r.hf_static_cache)
         from r1reward.engine_vllm import VLLMEngine
         return VLLMEngine(init_dir, self.processor, dtype=model_dtype(self.cfg, d.device),
                           seed=self.cfg.seed * 1000 + d.rank, max_model_len=r.vllm_max_model_len,

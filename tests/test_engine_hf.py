@@ -37,6 +37,14 @@ def test_hf_engine_is_hf_generate_and_keeps_the_model_mode(tiny_dir):
     torch.manual_seed(1)
     ro = rollout.collect(engine, pairs, temperature=0.7, top_p=1.0, max_new_tokens=8, n_samples=2)
     assert len(ro.batch) == 6 and ro.sampler_logp is None
+    # the static KV cache changes where the cache lives, not what is sampled
+    static = HFEngine(model, proc, static_cache=True)
+    for eng in (static, engine):
+        torch.manual_seed(2)
+        got = eng.generate(pairs, do_sample=True, temperature=1.0, max_new_tokens=16, num_samples=2)
+        if eng is static:
+            first = got
+    assert torch.equal(first.sequences, got.sequences) and first.texts == got.texts
 
 
 def _worker(out_file: str, cache: str) -> None:
