@@ -45,12 +45,13 @@ class VLLMEngine(RolloutEngine):
     reports_logprobs = True
 
     def __init__(self, model_dir, processor, *, dtype: torch.dtype = torch.float32, seed: int = 0,
-                 max_model_len: int = 4096, kv_cache_gb: float = 1.0,
+                 max_model_len: int | None = 4096, kv_cache_gb: float = 1.0,
                  gpu_memory_utilization: float = 0.4, sleep_between: bool = True,
                  prefix_caching: bool = True):
         vllm = _import_vllm()
         self.processor = processor
         self.cuda = torch.cuda.is_available()
+        # max_model_len None: the model's own context length
         kw = dict(model=str(model_dir), dtype=str(dtype).removeprefix("torch."), seed=seed,
                   max_model_len=max_model_len, enable_prefix_caching=prefix_caching,
                   limit_mm_per_prompt={"image": 1, "video": 0},

@@ -153,8 +153,11 @@ def to_image(image):
 class RewardJudge:
     def __init__(self, model, processor, *, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, max_batch: int = 8, baseline: str = DEFAULT_BASELINE,
-                 rank_round_robin_max: int = 8):
+                 rank_round_robin_max: int = 8, engine=None):
         self.model, self.processor = model, processor
+        # a rollout engine (r1reward.engine) generating the analyses; None = HF generate on
+        # the model, which also scores the answers in both cases
+        self.engine = engine
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.max_batch, self.baseline = max_batch, baseline
         self.rank_round_robin_max = rank_round_robin_max
@@ -162,11 +165,22 @@ class RewardJudge:
         self._answer_ids = None
 
     @classmethod
-    def from_pretrained(cls, path=None, *, device: str = "cpu", dtype=None, **kw) -> RewardJudge:
-        """A trained export or, with ``path=None``, the embedded tiny model."""
+    def from_pretrained(cls, path=None, *, device: str = "cpu", dtype=None, engine: str = "hf",
+                        engine_options: dict | None = None, **kw) -> RewardJudge:
+        """A trained export or, with ``path=None``, the embedded tiny model (for ``engine
+        "vllm"`` its variant with a head size vLLM's CPU attention supports)."""
         from .model import load_model_and_processor
+        if engine not in ("hf", "vllm"):
+            raise ValueError(f"engine {engine!r}: choose from hf|vllm")
+        if engine == "vllm" and path is None:
+            from .tiny import VLLM_HEADS, default_model_dir
+            path = default_model_dir(VLLM_HEADS)
         model, processor = load_model_and_processor(path, dtype=dtype, device=device)
         model.eval()
+        if engine == "vllm":
+            from .engine_vllm import VLLMEngine
+            kw["engine"] = VLLMEngine(path, processor, dtype=next(model.parameters()).dtype,
+                                      **(engine_options or {}))
         return cls(model, processor, **kw)
 
     # ---- the two model-touching primitives -------------------------------------------
@@ -197,11 +211,14 @@ class RewardJudge:
         out = [None] * len(reqs)
         for idx in self._chunks(reqs, lambda r: r.image is not None):
             chunk = [reqs[i] for i in idx]
-            with torch.no_grad():
-                gen = generate(self.model, self.processor, self._pairs(chunk), do_sample=do_sample,
-                               temperature=self.temperature, top_p=self.top_p,
-                               max_new_tokens=self.max_new_tokens, num_samples=n,
-                               generate_kwargs=extra)
+            sampling = dict(do_sample=do_sample, temperature=self.temperature, top_p=self.top_p,
+                            max_new_tokens=self.max_new_tokens, num_samples=n)
+            if self.engine is not None:  # should_stop is polled between batches only
+                gen = self.engine.generate(self._pairs(chunk), **sampling)
+            else:
+                with torch.no_grad():
+                    gen = generate(self.model, self.processor, self._pairs(chunk),
+                                   generate_kwargs=extra, **sampling)
             if should_stop is not None and should_stop():
                 raise JudgeCancelled("every client of this batch has left")
             self.calls["generate"] += 1

@@ -163,3 +163,22 @@ def test_two_fsdp_ranks_each_with_an_engine_stay_in_sync(tmp_path, vllm_tiny):
     assert max(abs(x["ratio_max"] - 1) for x in rows) > 1e-3  # the policy moved
     for x in rows:
         assert x["sampler_logp_diff_max"] < 1e-3, x  # and every engine followed it
+
+
+def test_eval_with_vllm_generation_gives_hf_verdicts(tmp_path, vllm_tiny):
+    # python -m r1reward.eval --engine vllm: vLLM writes the analyses, the HF model scores
+    # them; greedy, the verdicts are HF's own
+    from r1reward import eval as E
+    model_dir, _, _ = vllm_tiny
+    common = ["--bench", "pairs", "--model", str(model_dir), "--limit", "6", "--swap",
+              "--max-new-tokens", "24", "--no-progress", "--n-heldout", "8"]
+    hf = E.main([*common, "--output", str(tmp_path / "hf")])
+    vl = E.main([*common, "--output", str(tmp_path / "vllm"), "--engine", "vllm",
+                 "--vllm-kv-cache-gb", "0.25"])
+    assert hf["n_items"] == vl["n_items"] == 6
+
+    def verdicts(d):
+        return [json.loads(x) for x in (tmp_path / d / "results.jsonl").read_text().splitlines()]
+    strip = ("seconds",)
+    assert ([{k: v for k, v in r.items() if k not in strip} for r in verdicts("hf")]
+            == [{k: v for k, v in r.items() if k not in strip} for r in verdicts("vllm")])
