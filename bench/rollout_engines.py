@@ -111,10 +111,12 @@ def fsdp_worker(args) -> None:
         for name, engine in sides.items():
             dist.barrier()
             r = _time(engine, pairs, args)
-            t = torch.tensor([r["tokens"], r["seconds"]], dtype=torch.float64)
-            dist.all_reduce(t)  # tokens of both ranks; seconds summed, halved below
-            r = {"tokens": int(t[0]), "seconds": t[1].item() / 2,
-                 "tokens_per_s": t[0].item() / (t[1].item() / 2)}
+            tokens = torch.tensor([float(r["tokens"])])
+            seconds = torch.tensor([r["seconds"]])
+            dist.all_reduce(tokens)  # both ranks' tokens
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the rollout ends with the slower rank
+            r = {"tokens": int(tokens.item()), "seconds": seconds.item(),
+                 "tokens_per_s": tokens.item() / seconds.item()}
             if d.rank == 0:
                 print(json.dumps({"fsdp_hf": name, "repeat": rep, **r}), flush=True)
             results[name].append(r)

@@ -89,7 +89,7 @@ class RolloutConfig:
     vllm_kv_cache_gb: float = 1.0  # CPU: the KV cache's size
     vllm_gpu_memory_utilization: float = 0.4  # GPU: vLLM's share of the device (weights + KV)
     vllm_sleep: bool = True  # GPU: free vLLM's memory while the trainer updates
-    vllm_max_model_len: int = 4096
+    vllm_max_model_len: int = 0  # prompt + response tokens vLLM allows; 0 = the model's context
 
 
 @dataclass
@@ -359,9 +359,16 @@ def validate(cfg: JobConfig) -> JobConfig:
     need(ro.tis_cap == 0 or ro.engine != "hf", "rollout.tis_cap",
          "corrects the vLLM sampler's mismatch with the trainer; --rollout.engine hf samples "
          "from the trainer's own model")
-    need(ro.vllm_kv_cache_gb > 0 and 0 < ro.vllm_gpu_memory_utilization < 1
-         and ro.vllm_max_model_len >= ro.max_new_tokens, "rollout.vllm_*",
-         "need kv_cache_gb > 0, 0 < gpu_memory_utilization < 1, max_model_len >= max_new_tokens")
+    # vLLM's log-probs come after top-p renormalization, the trainer's do not
+    need(ro.tis_cap == 0 or ro.top_p == 1, "rollout.tis_cap",
+         "needs --rollout.top_p 1 (vLLM reports log-probs renormalized over the top-p set)")
+    need(ro.vllm_kv_cache_gb > 0 and 0 < ro.vllm_gpu_memory_utilization < 1, "rollout.vllm_*",
+         "need kv_cache_gb > 0, 0 < gpu_memory_utilization < 1")
+    need(ro.vllm_max_model_len == 0
+         or ro.vllm_max_model_len > max(ro.max_new_tokens, cfg.eval.max_new_tokens),
+         "rollout.vllm_max_model_len", f"{ro.vllm_max_model_len} leaves no room for the prompt "
+         f"and {max(ro.max_new_tokens, cfg.eval.max_new_tokens)} new tokens (rollout or eval); "
+         "0 = the model's context length")
     # reward
     choice("reward.judge", r.judge, R.CONSISTENCY_JUDGES)
     need(r.judge != "local" or bool(r.local_model), "reward.local_model",

@@ -45,11 +45,12 @@ class VLLMEngine(RolloutEngine):
     reports_logprobs = True
 
     def __init__(self, model_dir, processor, *, dtype: torch.dtype = torch.float32, seed: int = 0,
-                 max_model_len: int | None = 4096, kv_cache_gb: float = 1.0,
+                 max_model_len: int | None = None, kv_cache_gb: float = 1.0,
                  gpu_memory_utilization: float = 0.4, sleep_between: bool = True,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, device="cpu"):
         vllm = _import_vllm()
         self.processor = processor
+        self.device = torch.device(device)  # where the returned tensors live (the trainer's)
         self.cuda = torch.cuda.is_available()
         # max_model_len None: the model's own context length
         kw = dict(model=str(model_dir), dtype=str(dtype).removeprefix("torch."), seed=seed,
@@ -60,6 +61,10 @@ class VLLMEngine(RolloutEngine):
                   logprobs_mode="processed_logprobs")
         if self.cuda:
             kw.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep_between)
+            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                # one engine per torchrun rank, on that rank's GPU, in the trainer's process
+                # group (vLLM's default executor would put every rank's engine on GPU 0)
+                kw.update(distributed_executor_backend="external_launcher")
         else:
             # No chunked prefill: vLLM rewinds a seeded request's generator after a partial
             # prefill, which CPU generators cannot do ("CPU Generator does not use offset").
@@ -74,14 +79,16 @@ class VLLMEngine(RolloutEngine):
     # ------------------------------------------------------------------ generation
     def generate(self, pairs, *, do_sample, temperature=1.0, top_p=1.0, max_new_tokens,
                  num_samples=1) -> Generation:
-        inputs = build_prompt_inputs(self.processor, pairs)
+        inputs = build_prompt_inputs(self.processor, pairs, self.device)
         texts = prompt_texts(self.processor, pairs)
         requests = [{"prompt": t, **({"multi_modal_data": {"image": open_image(p.image)}}
                                      if p.image is not None else {})}
                     for t, p in zip(texts, pairs)]
-        # One seed per prompt from torch's generator: the trainer checkpoints that RNG, so a
-        # resumed run samples what the uninterrupted one would have.
-        seeds = torch.randint(0, 2**31 - 1, (len(pairs),)).tolist()
+        # Sampling: one seed per prompt from torch's generator, which the trainer checkpoints,
+        # so a resumed run samples what the uninterrupted one would have. Greedy calls
+        # (evaluation) draw none, so they leave the rollouts' random stream alone.
+        seeds = (torch.randint(0, 2**31 - 1, (len(pairs),)).tolist() if do_sample
+                 else [None] * len(pairs))
         params = [self._SamplingParams(
             n=num_samples, temperature=temperature if do_sample else 0.0,
             top_p=top_p if do_sample else 1.0, max_tokens=max_new_tokens,
@@ -99,8 +106,8 @@ class VLLMEngine(RolloutEngine):
             resp[i, :len(ids)] = torch.tensor(ids, dtype=resp.dtype)
             logp[i, :len(ids)] = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, ids)])
         lengths = torch.tensor([len(c.token_ids) for c in rows])
-        return assemble(self.processor, inputs, resp, self.end_ids, num_samples, lengths=lengths,
-                        sampler_logp=logp)
+        return assemble(self.processor, inputs, resp.to(self.device), self.end_ids, num_samples,
+                        lengths=lengths.to(self.device), sampler_logp=logp.to(self.device))
 
     def _check_prompts(self, pairs, inputs, outputs) -> None:
         """vLLM must have conditioned on exactly the tokens the trainer will feed."""
@@ -146,4 +153,7 @@ class VLLMEngine(RolloutEngine):
             self.asleep = True
 
     def close(self) -> None:
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if hasattr(core, "shutdown"):
+            core.shutdown()
         del self.llm

@@ -180,7 +180,7 @@ class RewardJudge:
         if engine == "vllm":
             from .engine_vllm import VLLMEngine
             kw["engine"] = VLLMEngine(path, processor, dtype=next(model.parameters()).dtype,
-                                      **(engine_options or {}))
+                                      device=device, **(engine_options or {}))
         return cls(model, processor, **kw)
 
     # ---- the two model-touching primitives -------------------------------------------

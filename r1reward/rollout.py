@@ -47,10 +47,10 @@ def present(pairs: list[PreferencePair], balance: bool, offset: int = 0) -> list
 
 @torch.no_grad()
 def collect(engine: RolloutEngine, pairs: list[PreferencePair], *, temperature: float, top_p: float,
-            max_new_tokens: int, n_samples: int = 1, balance: bool = True, offset: int = 0,
-            forbidden_ids: tuple[int, ...] = ()) -> Rollout:
+            max_new_tokens: int, forbidden_ids: tuple[int, ...], n_samples: int = 1,
+            balance: bool = True, offset: int = 0) -> Rollout:
     """Sample ``n_samples`` judgments per pair; ``forbidden_ids``: the model's vision
-    placeholder tokens (see build_seq_batch)."""
+    placeholder tokens (:func:`vision_placeholder_ids`, see build_seq_batch)."""
     shown = present(pairs, balance, offset)
     gen = engine.generate(shown, do_sample=True, temperature=temperature, top_p=top_p,
                           max_new_tokens=max_new_tokens, num_samples=n_samples)

@@ -209,13 +209,27 @@ def grad_norm_and_clip(model, max_norm: float) -> float:
     return float(norm)
 
 
+# Per-step extremes: the global value is the extreme over ranks, not their mean.
+RANK_MAX = ("ratio_max", "log_ratio_q95", "sampler_logp_diff_max")
+RANK_MIN = ("ratio_min", "log_ratio_q05")
+
+
 def global_mean(d: Dist, row: dict) -> dict:
-    """Average scalar metrics over ranks (each rank holds an equal share of the batch)."""
+    """Average scalar metrics over ranks (each rank holds an equal share of the batch);
+    the extremes in RANK_MAX / RANK_MIN take the max / min over ranks."""
     if d.world == 1:
         return row
+    import torch.distributed as dist
     keys = sorted(k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
     t = all_reduce_sum(torch.tensor([float(row[k]) for k in keys], dtype=torch.float64))
-    return {**row, **{k: (t[i] / d.world).item() for i, k in enumerate(keys)}}
+    out = {**row, **{k: (t[i] / d.world).item() for i, k in enumerate(keys)}}
+    for names, op in ((RANK_MAX, dist.ReduceOp.MAX), (RANK_MIN, dist.ReduceOp.MIN)):
+        present = [k for k in names if k in row]  # the same keys on every rank
+        if present:
+            x = torch.tensor([float(row[k]) for k in present], dtype=torch.float64)
+            dist.all_reduce(x, op=op)
+            out.update({k: x[i].item() for i, k in enumerate(present)})
+    return out
 
 
 # ------------------------------------------------------------------------ the trainer
@@ -270,7 +284,8 @@ class Trainer:
                             static_cache=r.hf_static_cache)
         from r1reward.engine_vllm import VLLMEngine
         return VLLMEngine(init_dir, self.processor, dtype=model_dtype(self.cfg, d.device),
-                          seed=self.cfg.seed * 1000 + d.rank, max_model_len=r.vllm_max_model_len,
+                          seed=self.cfg.seed * 1000 + d.rank, device=d.device,
+                          max_model_len=r.vllm_max_model_len or None,
                           kv_cache_gb=r.vllm_kv_cache_gb,
                           gpu_memory_utilization=r.vllm_gpu_memory_utilization,
                           sleep_between=r.vllm_sleep)

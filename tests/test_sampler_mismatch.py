@@ -28,9 +28,15 @@ def test_stats_and_weights_by_hand():
     assert mismatch_stats(trainer, sampler, torch.zeros_like(mask))["sampler_kl"] == 0.0
 
 
+def skew(n_tokens):
+    """The fake sampler's log-prob offset for a response of ``n_tokens`` tokens: rows differ,
+    so weights applied to the wrong rows would show."""
+    return 0.2 + 0.15 * (n_tokens % 5)
+
+
 class SkewedSampler(HFEngine):
-    """HF generate, reporting every token's log-prob as ``trainer - 0.5``: the ratio
-    π_trainer/π_sampler is e^0.5 ≈ 1.65 on every token."""
+    """HF generate, reporting every token's log-prob as ``trainer - skew(row length)``: the
+    ratio π_trainer/π_sampler is e^skew on each token of the row."""
 
     reports_logprobs = True
 
@@ -40,22 +46,27 @@ class SkewedSampler(HFEngine):
         gen = super().generate(pairs, **kw)
         batch = build_seq_batch(gen.prompt_inputs, gen.sequences, gen.prompt_len, gen.response_mask,
                                 forbidden_ids=vision_placeholder_ids(self.model))
-        gen.sampler_logp = (sequence_logprobs(self.model, batch, 8) - 0.5) * batch.response_mask
+        off = torch.tensor([skew(int(n)) for n in batch.response_mask.sum(1)])[:, None]
+        gen.sampler_logp = (sequence_logprobs(self.model, batch, 8) - off) * batch.response_mask
         return gen
 
 
-@pytest.mark.parametrize("cap", [1.2, 3.0])
+@pytest.mark.parametrize("cap", [1.1, 1.8, 3.0])
 def test_trainer_logs_the_gap_and_truncates_the_weights(tmp_path, monkeypatch, cap):
     monkeypatch.setenv("R1REWARD_CACHE", str(tmp_path / "cache"))
     from r1reward.trainer import Trainer
     monkeypatch.setattr(Trainer, "_build_engine",
                         lambda self, init_dir: SkewedSampler(self.policy, self.processor))
     from r1reward import trainer
-    seen = []  # the per-token weights the policy loss receives
+    checked = []  # rows whose weights reached the policy loss as expected
 
     def recording_loss(*a, is_weights=None, **kw):
-        m = a[1].response_mask.bool()
-        seen.append(is_weights[m] if is_weights is not None else None)
+        mb = a[1]
+        for row, n in enumerate(mb.response_mask.sum(1).tolist()):
+            if n:
+                w = is_weights[row][mb.response_mask[row].bool()]
+                want = min(cap, math.exp(skew(int(n))))
+                checked.append(torch.allclose(w, torch.full_like(w, want), atol=1e-3))
         return real_loss(*a, is_weights=is_weights, **kw)
 
     real_loss = trainer.policy_loss
@@ -66,15 +77,14 @@ def test_trainer_logs_the_gap_and_truncates_the_weights(tmp_path, monkeypatch, c
                     "--no-sft.enabled", "--rollout.batch_size", "4", "--algo.train_batch_size", "2",
                     "--rollout.max_new_tokens", "8", "--eval.max_new_tokens", "8"]))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert checked and all(checked) and len(checked) >= 8  # every row, its own weight
+    skews = [skew(n) for n in range(5)]
     for r in rows:
-        # the trainer's old log-probs are what the fake sampler shifted: the gap is 0.5
-        assert r["sampler_logp_diff_mean"] == pytest.approx(0.5, abs=1e-4)
-        assert r["sampler_kl"] == pytest.approx(math.exp(0.5) - 1.5, abs=1e-4)
-        if cap < math.exp(0.5):  # every token truncated to the cap
+        # the trainer's old log-probs are what the fake sampler shifted
+        assert min(skews) - 1e-4 <= r["sampler_logp_diff_mean"] <= max(skews) + 1e-4
+        assert r["sampler_logp_diff_max"] <= max(skews) + 1e-4 and r["sampler_kl"] > 0
+        if cap < math.exp(min(skews)):  # every token truncated to the cap
             assert r["tis_clip_frac"] == 1.0 and r["tis_weight_mean"] == pytest.approx(cap, abs=1e-4)
-        else:
+        elif cap > math.exp(max(skews)):
             assert r["tis_clip_frac"] == 0.0
-            assert r["tis_weight_mean"] == pytest.approx(math.exp(0.5), abs=1e-3)
-    assert seen and all(w is not None for w in seen)
-    w = torch.cat(seen)
-    assert torch.allclose(w, torch.full_like(w, min(cap, math.exp(0.5))), atol=1e-3)
+            assert math.exp(min(skews)) - 1e-3 <= r["tis_weight_mean"] <= math.exp(max(skews)) + 1e-3
