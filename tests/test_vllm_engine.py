@@ -195,3 +195,14 @@ def test_eval_with_vllm_generation_gives_hf_verdicts(tmp_path, vllm_tiny):
     strip = ("seconds",)
     assert ([{k: v for k, v in r.items() if k not in strip} for r in verdicts("hf")]
             == [{k: v for k, v in r.items() if k not in strip} for r in verdicts("vllm")])
+
+
+def test_reward_server_with_vllm_generation_answers_a_load_test(vllm_tiny):
+    # python -m r1reward.serve --engine vllm: the batcher thread drives the engine
+    env = {**os.environ, "R1REWARD_CACHE": str(vllm_tiny[2]), "OMP_NUM_THREADS": "2"}
+    r = subprocess.run([sys.executable, "-m", "r1reward.serve", "--engine", "vllm", "--load-test", "8",
+                        "--concurrency", "4", "--max-new-tokens", "24", "--vllm-kv-cache-gb", "0.25"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    stats = json.loads(r.stdout.strip().splitlines()[-1])
+    assert stats["errors"] == 0 and stats["requests"] == 8, stats
