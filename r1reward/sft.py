@@ -110,9 +110,12 @@ def end_of_turn_id(tokenizer) -> int:
     return tid
 
 
-def make_batch(processor, examples: list[tuple[PreferencePair, str]], device) -> SeqBatch:
-    """Prompt (chat template, left-padded) + target tokens and end-of-turn (right-padded)."""
-    prompt = build_prompt_inputs(processor, [p for p, _ in examples], device)
+def make_batch(processor, examples: list[tuple[PreferencePair, str]], device,
+               prompt=None) -> SeqBatch:
+    """Prompt (chat template, left-padded) + target tokens and end-of-turn (right-padded);
+    ``prompt``: the prompts' processor output when the caller already has it."""
+    if prompt is None:
+        prompt = build_prompt_inputs(processor, [p for p, _ in examples], device)
     tok = processor.tokenizer
     eot = end_of_turn_id(tok)
     ids = [tok(t, add_special_tokens=False)["input_ids"] + [eot] for _, t in examples]
@@ -125,6 +128,38 @@ def make_batch(processor, examples: list[tuple[PreferencePair, str]], device) ->
         mask[i, :len(row)] = 1
     seqs = torch.cat([prompt["input_ids"], resp.to(device)], 1)
     return build_seq_batch(prompt, seqs, prompt["input_ids"].shape[1], mask.to(device))
+
+
+class PromptCache:
+    """Each example's prompt through the processor once (image decoded, resized and cut
+    into patches, chat template tokenized), collated per batch as the processor would
+    (left padding with the pad token, mask 0): SFT revisits every example ~50 times."""
+
+    # per-token keys, left-padded with (pad id | 0)
+    TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+    def __init__(self, processor):
+        self.processor, self.single = processor, {}
+
+    def __call__(self, pairs: list[PreferencePair], device) -> dict:
+        if any(p.image is None for p in pairs):  # text-only and mixed batches: the processor's way
+            return build_prompt_inputs(self.processor, pairs, device)
+        rows = []
+        for p in pairs:
+            if id(p) not in self.single:
+                self.single[id(p)] = (p, build_prompt_inputs(self.processor, [p]))
+            rows.append(self.single[id(p)][1])
+        width = max(r["input_ids"].shape[1] for r in rows)
+        pad = self.processor.tokenizer.pad_token_id
+        out = {}
+        for k in rows[0]:
+            if k in self.TOKEN_KEYS:
+                fill = pad if k == "input_ids" else 0
+                out[k] = torch.cat([torch.nn.functional.pad(r[k], (width - r[k].shape[1], 0),
+                                                            value=fill) for r in rows])
+            else:  # per image: pixel_values (patches), image_grid_thw
+                out[k] = torch.cat([r[k] for r in rows])
+        return {k: v.to(device) for k, v in out.items()}
 
 
 def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=None) -> list[float]:
@@ -140,6 +175,7 @@ def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=Non
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / max(cfg.steps, 1))))
     order: list[int] = []
     losses = []
+    prompts = PromptCache(processor)
     model.train()
     for step in range(cfg.steps):
         if len(order) < cfg.batch_size:
@@ -147,7 +183,8 @@ def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=Non
             rng.shuffle(perm)
             order += perm
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
-        batch = make_batch(processor, [examples[i] for i in idx], device)
+        chosen = [examples[i] for i in idx]
+        batch = make_batch(processor, chosen, device, prompt=prompts([p for p, _ in chosen], device))
         loss = sft_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()

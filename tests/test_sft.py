@@ -88,3 +88,30 @@ def test_sft_file_requires_response_field(pairs, tmp_path):
     f.write_text(json.dumps(recs[1]) + "\n")
     with pytest.raises(ValueError, match="no usable SFT examples"):
         load_sft_file(f)
+
+
+def test_prompt_cache_collates_what_the_processor_does(pairs, tiny_dir):
+    # SFT processes each prompt once and pads per batch itself: the tensors (and so the
+    # loss) must be the processor's own, for batches of prompts of different lengths.
+    import random
+
+    import torch
+
+    from r1reward.generation import build_prompt_inputs
+    from r1reward.model import load_model_and_processor
+    from r1reward.sft import PromptCache
+
+    _, proc = load_model_and_processor(tiny_dir)
+    cache = PromptCache(proc)
+    shown = [p.swapped() if i % 2 else p for i, p in enumerate(pairs[0])]
+    rng = random.Random(0)
+    widths = set()
+    for _ in range(4):
+        batch = rng.sample(shown, 5)
+        got, want = cache(batch, "cpu"), build_prompt_inputs(proc, batch)
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+        widths.add(tuple(want["attention_mask"].sum(1).tolist()))
+    assert any(len(set(w)) > 1 for w in widths)  # some batch really was padded
+    assert len(cache.single) <= len(shown)
