@@ -93,6 +93,7 @@ def _worker(out_file: str, cache: str) -> None:
     (Path(out_file).parent / f"rank{d.rank}.txt").write_text("\n".join(errors) + "\n")
     if d.rank == 0:
         Path(out_file).write_text(f"{gathered[0].item()} {gathered[1].item()}\n")
+    dist.barrier()  # neither rank tears the group down while the other still uses it
     dist.destroy_process_group()
 
 

@@ -91,7 +91,9 @@ def test_soak_good_and_hostile_clients(tmp_path):
                         st = type(e).__name__
                     with lock:
                         hostile["sent"] += 1
-                        if statuses is not None and st not in statuses:
+                        # The idle-socket and slowloris clients keep the connection cap full
+                        # at times; a new connection then gets the cap's 503, which is right.
+                        if statuses is not None and st not in {*statuses, 503, b"HTTP/1.1 503"}:
                             hostile["unexpected"].append((name, st))
             return loop
 
