@@ -27,9 +27,6 @@ class RolloutEngine:
     """The interface: ``generate`` is required; the rest are no-ops unless a backend
     keeps its own weights (``sync_weights``) or device memory (``sleep`` / ``wake``)."""
 
-    name = "base"
-    reports_logprobs = False  # Generation.sampler_logp is filled
-
     def generate(self, pairs: list[PreferencePair], *, do_sample: bool, temperature: float = 1.0,
                  top_p: float = 1.0, max_new_tokens: int, num_samples: int = 1) -> Generation:
         raise NotImplementedError
@@ -51,8 +48,6 @@ class HFEngine(RolloutEngine):
     """``generate`` on the training model; ``unshard_once`` gathers FSDP2 blocks once per
     call rather than once per decoding step (more memory during generation, far fewer
     all-gathers)."""
-
-    name = "hf"
 
     def __init__(self, model, processor, *, unshard_once: bool = True, static_cache: bool = False):
         self.model, self.processor, self.unshard_once = model, processor, unshard_once

@@ -41,9 +41,6 @@ def _import_vllm():
 
 
 class VLLMEngine(RolloutEngine):
-    name = "vllm"
-    reports_logprobs = True
-
     def __init__(self, model_dir, processor, *, dtype: torch.dtype = torch.float32, seed: int = 0,
                  max_model_len: int | None = None, kv_cache_gb: float = 1.0,
                  gpu_memory_utilization: float = 0.4, sleep_between: bool = True,
@@ -97,17 +94,17 @@ class VLLMEngine(RolloutEngine):
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         self._check_prompts(pairs, inputs, outputs)
         rows = [c for o in outputs for c in o.outputs]  # sample-major within a prompt
-        width = max(1, max(len(c.token_ids) for c in rows))
+        lengths = [len(c.token_ids) for c in rows]
+        width = max(1, *lengths)
         pad = self.processor.tokenizer.pad_token_id
         resp = torch.full((len(rows), width), pad, dtype=inputs["input_ids"].dtype)
         logp = torch.zeros(len(rows), width)
-        for i, c in enumerate(rows):
-            ids = list(c.token_ids)
-            resp[i, :len(ids)] = torch.tensor(ids, dtype=resp.dtype)
-            logp[i, :len(ids)] = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, ids)])
-        lengths = torch.tensor([len(c.token_ids) for c in rows])
+        for i, (c, n) in enumerate(zip(rows, lengths)):
+            resp[i, :n] = torch.tensor(c.token_ids, dtype=resp.dtype)
+            logp[i, :n] = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)])
         return assemble(self.processor, inputs, resp.to(self.device), self.end_ids, num_samples,
-                        lengths=lengths.to(self.device), sampler_logp=logp.to(self.device))
+                        lengths=torch.tensor(lengths, device=self.device),
+                        sampler_logp=logp.to(self.device))
 
     def _check_prompts(self, pairs, inputs, outputs) -> None:
         """vLLM must have conditioned on exactly the tokens the trainer will feed."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from . import benchmarks as B
 from .config import DataConfig
 from .data import generated_split, load_pairs
+from .judge import add_engine_args, engine_kwargs, model_label
 
 PAIRS = "pairs"
 
@@ -180,9 +181,7 @@ def parse_args(argv=None):
                          f"checkpoint, {TINY_MAX_NEW_TOKENS} for the embedded tiny model and its exports")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--engine", choices=("hf", "vllm"), default="hf",
-                    help="what generates the analyses: HF generate or vLLM (the vllm extra)")
-    ap.add_argument("--vllm-kv-cache-gb", type=float, default=1.0, help="vLLM's KV cache on CPU")
+    add_engine_args(ap)
     ap.add_argument("--n-heldout", type=int, default=DataConfig.n_heldout)
     ap.add_argument("--kinds", default=DataConfig.kinds,
                     help="question kinds of the generated held-out split (the trainer's default)")
@@ -220,8 +219,7 @@ def main(argv=None, judge=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     generated = f"generated held-out n={a.n_heldout} seed={a.seed} kinds={a.kinds}"
     run = {"bench": a.bench, "data": str(a.data) if a.data else generated,
-           "model": str(a.model) if a.model else "embedded tiny model"
-           + (" (vLLM variant)" if a.engine == "vllm" else "")}
+           "model": model_label(a)}
     check_run(out, run, a.overwrite)
     for ref, why in load.skipped:
         print(f"skipped {ref}: {why}", file=sys.stderr)
@@ -232,9 +230,7 @@ def main(argv=None, judge=None) -> dict:
             print(f"--max-new-tokens {a.max_new_tokens} (default for this checkpoint)", file=sys.stderr)
         judge = RewardJudge.from_pretrained(a.model, device=a.device, max_new_tokens=a.max_new_tokens,
                                             temperature=a.temperature, max_batch=a.batch_size,
-                                            engine=a.engine,
-                                            engine_options={"kv_cache_gb": a.vllm_kv_cache_gb,
-                                                            "max_model_len": None})
+                                            **engine_kwargs(a))
     orders = B.ORDERS if a.swap else B.ORDERS[:1]
     rows, late = evaluate(judge, items, out, a.k, orders, a.batch_size, progress=not a.no_progress)
     for ref, why in late:

@@ -150,6 +150,26 @@ def to_image(image):
 
 # ----------------------------------------------------------------------------- the judge
 
+def add_engine_args(ap) -> None:
+    """The ``--engine`` flags of ``r1reward.eval`` and ``r1reward.serve``."""
+    ap.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                    help="what generates the analyses: HF generate or vLLM (the vllm extra); "
+                         "with vllm a cancelled request stops at the end of its batch")
+    ap.add_argument("--vllm-kv-cache-gb", type=float, default=1.0, help="vLLM's KV cache on CPU")
+
+
+def engine_kwargs(args) -> dict:
+    """:meth:`RewardJudge.from_pretrained` arguments from :func:`add_engine_args`' flags."""
+    return {"engine": args.engine, "engine_options": {"kv_cache_gb": args.vllm_kv_cache_gb}}
+
+
+def model_label(args) -> str:
+    """The model a run names: ``--model``, or the embedded tiny model (its vLLM variant)."""
+    if args.model:
+        return str(args.model)
+    return "embedded tiny model" + (" (vLLM variant)" if args.engine == "vllm" else "")
+
+
 class RewardJudge:
     def __init__(self, model, processor, *, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, max_batch: int = 8, baseline: str = DEFAULT_BASELINE,

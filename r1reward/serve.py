@@ -56,7 +56,7 @@ from pathlib import Path
 from PIL import Image
 
 from .images import ImageTooLarge, open_image
-from .judge import JudgeCancelled, PairRequest
+from .judge import JudgeCancelled, PairRequest, add_engine_args, engine_kwargs, model_label
 from .reward_query import parse_label, question_of, split_response
 from .serve_http import ClientGone, GuardedHTTPServer, HTTPError, JSONRequestHandler
 
@@ -602,10 +602,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--engine", choices=("hf", "vllm"), default="hf",
-                    help="what generates the analyses: HF generate or vLLM (the vllm extra); "
-                         "with vllm a cancelled request stops at the end of its batch")
-    ap.add_argument("--vllm-kv-cache-gb", type=float, default=1.0, help="vLLM's KV cache on CPU")
+    add_engine_args(ap)
     d = Limits()
     ap.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / (1 << 20))
     ap.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="one image")
@@ -628,8 +625,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from .judge import RewardJudge
     judge = RewardJudge.from_pretrained(a.model, device=a.device, max_new_tokens=a.max_new_tokens,
-                                        max_batch=a.max_batch, engine=a.engine,
-                                        engine_options={"kv_cache_gb": a.vllm_kv_cache_gb})
+                                        max_batch=a.max_batch, **engine_kwargs(a))
     limits = Limits(max_body_bytes=int(a.max_body_mb * (1 << 20)), max_image_pixels=a.max_image_pixels,
                     max_request_pixels=a.max_request_pixels, max_inflight_pixels=a.max_inflight_pixels,
                     max_items=a.max_items, max_k=a.max_k, max_pair_chars=a.max_pair_chars,
@@ -638,9 +634,7 @@ def main(argv=None):
                     request_timeout_s=a.request_timeout)
     port = 0 if a.load_test else a.port
     srv = make_server(judge, a.host, port, a.image_root, a.max_batch, limits,
-                      model_name=str(a.model or "embedded tiny model"
-                                     + (" (vLLM variant)" if a.engine == "vllm" else "")),
-                      verbose=a.verbose)
+                      model_name=model_label(a), verbose=a.verbose)
     host, port = srv.server_address[:2]
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {a.host}, reachable from other machines", file=sys.stderr)

@@ -33,7 +33,7 @@ def test_hf_engine_is_hf_generate_and_keeps_the_model_mode(tiny_dir):
     model.eval()
     want = generate(model, proc, pairs, max_new_tokens=12)
     assert torch.equal(got.sequences, want.sequences) and got.texts == want.texts
-    assert got.sampler_logp is None and not engine.reports_logprobs
+    assert got.sampler_logp is None
     torch.manual_seed(1)
     ro = rollout.collect(engine, pairs, temperature=0.7, top_p=1.0, max_new_tokens=8, n_samples=2,
                          forbidden_ids=rollout.vision_placeholder_ids(model))

@@ -38,8 +38,6 @@ class SkewedSampler(HFEngine):
     """HF generate, reporting every token's log-prob as ``trainer - skew(row length)``: the
     ratio π_trainer/π_sampler is e^skew on each token of the row."""
 
-    reports_logprobs = True
-
     def generate(self, pairs, **kw):
         from r1reward.logprobs import build_seq_batch, sequence_logprobs
         from r1reward.rollout import vision_placeholder_ids
