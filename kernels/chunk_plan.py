@@ -26,6 +26,8 @@ FILTER_SHARE = 8
 # Per active row: lp/entropy/loss outputs, indices, gathered targets and loss inputs, and
 # the loss math's per-row temporaries (a few dozen 4- or 8-byte vectors).
 PER_ROW_VECTORS = 256
+# Largest block temporary of the whole-batch path (GEMM-sized blocks; bigger gains nothing).
+WHOLE_BATCH_BLOCK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -77,4 +79,23 @@ def plan(n_rows: int, hidden: int, vocab: int, *, grads: bool = True, entropy: b
     return ChunkPlan(rows=c, filter_cols=cols, temporaries=temps)
 
 
-__all__ = ["plan", "ChunkPlan", "EXTRA_BUDGET_BYTES", "RESERVE_BYTES", "ENTROPY_BLOCK"]
+def whole_batch_block(n_rows: int, hidden: int, vocab: int, *, copy_bytes: int, bias: bool,
+                      budget: int | None = None) -> int:
+    """Bytes of one block temporary of the whole-batch path (:mod:`.whole_batch`), or 0
+    when it does not fit ``budget``.
+
+    Its logits live in the weight gradient's storage; what it adds is the per-row
+    vectors, ``copy_bytes`` (the active rows' fp32 copy, when ``h`` cannot be used as is),
+    O(V) vectors (the bias-gradient sum; the scaled bias and its gradient) and, one at a
+    time, a block temporary: zᵀ rows copied aside, ∂h rows, entropy's ``e·log e``
+    (counted twice for the 16-bit ∂h cast and allocator rounding).
+    """
+    budget = EXTRA_BUDGET_BYTES if budget is None else budget
+    fixed = PER_ROW_VECTORS * max(n_rows, 1) + copy_bytes + 4 * vocab * (1 + 2 * int(bias))
+    block = min(WHOLE_BATCH_BLOCK, (budget - RESERVE_BYTES - fixed) // 2)
+    smallest = 4 * 8 * max(n_rows, hidden)  # 8 vocab rows of zᵀ, 8 rows of ∂h
+    return block if block >= smallest else 0
+
+
+__all__ = ["plan", "whole_batch_block", "ChunkPlan", "EXTRA_BUDGET_BYTES", "RESERVE_BYTES",
+           "ENTROPY_BLOCK"]

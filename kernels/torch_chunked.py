@@ -17,19 +17,24 @@ call) so every reduction accumulates in fp32.
 On CPU the logits and ∂h GEMMs run on the engine :mod:`.cpu_blas` measured fastest on
 this machine (torch.mm or numpy's BLAS); ∂W accumulates in place with ``addmm_``.
 
+When the active rows fit in the weight gradient's own storage (``n ≤ H``, dense mode),
+``fused_loss`` holds all the logits there instead (:mod:`.whole_batch`): three GEMMs over
+all rows, no chunking.
+
 The ``*_impl`` functions below are plain tensor code; :mod:`.custom_ops` wraps them as
 ``torch.library`` custom ops (so ``torch.compile(fullgraph=True)`` treats each as one
 opaque node) and provides the backend entry points ``token_logprobs``/``fused_loss``.
 """
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 
 import numpy as np
 import torch
 
-from . import chunk_plan, cpu_blas
+from . import chunk_plan, cpu_blas, whole_batch
 from .loss_math import LossSettings, loss_and_grad
 
 # Extra memory of one call beyond its gradients (tests lower it to force many chunks).
@@ -63,10 +68,18 @@ class _Chunker:
                                     tau_scaled=self.inv_tau != 1.0, in_bytes=h.element_size(),
                                     budget=EXTRA_BUDGET_BYTES)
         self.c = self.plan.rows if MAX_CHUNK_ROWS is None else min(self.plan.rows, MAX_CHUNK_ROWS)
-        rows = min(self.c, max(n_rows, 1))
-        self.engine = (cpu_blas.engine(hidden, vocab, rows) if h.device.type == "cpu"
-                       else "torch")
-        self.buf = torch.empty(rows, vocab, dtype=torch.float32, device=h.device)
+        self.rows = min(self.c, max(n_rows, 1))
+        self.device = h.device
+
+    # Made on first use: the whole-batch path needs neither.
+    @functools.cached_property
+    def engine(self):
+        vocab, hidden = self.w32.shape
+        return cpu_blas.engine(hidden, vocab, self.rows) if self.device.type == "cpu" else "torch"
+
+    @functools.cached_property
+    def buf(self):
+        return torch.empty(self.rows, self.w32.shape[0], dtype=torch.float32, device=self.device)
 
     def chunks(self, h, rows_all):
         """Yield ``(rows, hc fp32)`` for consecutive row chunks."""
@@ -77,10 +90,11 @@ class _Chunker:
     def logits(self, hc):
         """``(z, hz)``: ``z = (hc·Wᵀ + b)/τ`` [c, V] fp32 in the reused buffer and ``hz = hc/τ``
         (1/τ is folded into the small hc)."""
+        engine = self.engine  # its first-call probe runs before the buffer exists
         hz = hc * self.inv_tau if self.inv_tau != 1.0 else hc
         z = self.buf[:hc.shape[0]]
-        if self.engine == "numpy" or self.bz is None:
-            cpu_blas.logits(self.engine, hz, self.w32, z)
+        if engine == "numpy" or self.bz is None:
+            cpu_blas.logits(engine, hz, self.w32, z)
             if self.bz is not None:
                 z += self.bz
         else:
@@ -329,6 +343,13 @@ def fused_loss_impl(h, w, t, old_lp, adv, ref_lp, tok_weight, valid, bias, tempe
     grads = _Grads(h, w, bias, need_dh, need_dw, need_db, filter_eps is not None)
     ck = _Chunker(h, w, bias, temperature, rows_all.numel(), grads=grads.any,
                   entropy=return_entropy, filtered=filter_eps is not None)
+    wide = whole_batch.plan(h, w, rows_all, grads, filter_eps, ck.c, EXTRA_BUDGET_BYTES,
+                            bias=bias is not None)
+    if wide is not None:
+        loss = whole_batch.fused(*wide, h, ck.w32, ck.bz, ck.inv_tau, t, old_lp, adv, ref_lp,
+                                 tok_weight, rows_all, settings, lp,
+                                 ent if return_entropy else None, grads)
+        return (loss, lp, ent) + grads.finish(h)
     for rows, hc in ck.chunks(h, rows_all):
         loss += _fused_chunk(ck, rows, hc, t[rows], old_lp, adv, ref_lp, tok_weight,
                              settings, lp, ent if return_entropy else None, grads, filter_eps)

@@ -18,6 +18,7 @@ from r1reward.kernels import (
     reference,
     stable_reinforce_loss,
     token_logprobs,
+    whole_batch,
 )
 from r1reward.kernels import torch_chunked as tc
 from r1reward.kernels.loss_math import broadcast_advantages, loss_and_grad, token_weights
@@ -40,12 +41,15 @@ SETTINGS = [
 ]
 
 
-@pytest.fixture(autouse=True, params=["torch-blas", "numpy-blas"])
+@pytest.fixture(autouse=True, params=["torch-blas", "numpy-blas", "whole-batch"])
 def small_chunks(monkeypatch, request):
     # 4 rows per chunk: 10+ valid rows give 3+ chunks, one of them shorter. Every test runs
-    # with the chunk GEMMs on torch.mm and on numpy's BLAS (the two CPU engines).
+    # with the chunk GEMMs on torch.mm and on numpy's BLAS (the two CPU engines), and with
+    # the whole-batch path allowed (it takes the cases with rows <= H).
     monkeypatch.setattr(tc, "MAX_CHUNK_ROWS", 4)
-    monkeypatch.setenv(cpu_blas.ENV, request.param.split("-")[0])
+    monkeypatch.setenv(cpu_blas.ENV, "numpy" if request.param == "numpy-blas" else "torch")
+    monkeypatch.setattr(whole_batch, "ENABLED", request.param == "whole-batch")
+    return request.param
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -549,3 +553,145 @@ def test_filtered_weight_grad_touches_only_surviving_rows(monkeypatch):
     assert kb.get("AnonHugePages", 0) == 0, kb
     assert kb["Rss"] * 1024 < 0.25 * w.grad.nbytes, (
         f"{kb['Rss']} kB of the {w.grad.nbytes >> 10} kB weight gradient are resident")
+
+
+# ------------------------------------------------ whole-batch path (logits in ∂W's storage)
+@pytest.fixture
+def wide_modes(monkeypatch):
+    """Turns the whole-batch path on and records the mode of every call that took it."""
+    monkeypatch.setattr(whole_batch, "ENABLED", True)
+    modes, fused = [], whole_batch.fused
+
+    def spy(runs, *a, **k):
+        modes.append("gather" if runs is None else f"runs={len(runs)}")
+        return fused(runs, *a, **k)
+    monkeypatch.setattr(whole_batch, "fused", spy)
+    return modes
+
+
+@pytest.mark.parametrize("s", SETTINGS[:4], ids=lambda s: f"pre{s.preclip is not None}-"
+                         f"dual{s.dual_clip}-kl{s.kl_coef}{s.kl_estimator}")
+@pytest.mark.parametrize("bias,temperature", [(True, 0.8), (False, 1.0)], ids=["bias-t0.8", "plain"])
+def test_whole_batch_matches_oracle(wide_modes, s, bias, temperature):
+    # 3×7 rows (some masked) <= H = 24: the rows fit in ∂W's storage, the chunk plan says 4.
+    h, w, b, y, mask, g = make_inputs(3, 7, 24, seed=11, bias=bias)
+    old, adv, ref = loss_inputs(h, w, y, mask, g, bias=b, temperature=temperature)
+    loss64, lp64, ent64, want = oracle_fused(h, w, y, old, adv, mask, ref=ref, bias=b,
+                                             temperature=temperature, settings=s)
+    loss, stats, grads = run_fused("torch", h, w, y, old, adv, mask, bias=b, ref_logp=ref,
+                                   temperature=temperature, **settings_kw(s))
+    assert wide_modes == ["gather"]
+    assert_close("loss", loss, loss64, rtol=1e-5, atol_scale=1e-5)
+    assert_close("entropy stat", stats["entropy"], (ent64 * mask).sum() / mask.sum(),
+                 rtol=1e-5, atol_scale=1e-6)
+    for name, got, exp in zip(("dh", "dW", "db"), grads, want):
+        assert_close(f"whole-batch {name}", got, exp, **TOL[torch.float32])
+
+
+def test_whole_batch_bf16_and_extreme_logits(wide_modes):
+    h, w, b, y, mask, g = make_inputs(2, 9, 20, seed=12, dtype=torch.bfloat16)
+    old, adv, ref = loss_inputs(h, w, y, mask, g, bias=b)
+    loss64, _, _, want = oracle_fused(h, w, y, old, adv, mask, bias=b)
+    loss, _, grads = run_fused("torch", h, w, y, old, adv, mask, bias=b)
+    assert [x.dtype for x in grads] == [torch.bfloat16] * 3
+    assert_close("bf16 loss", loss, loss64, rtol=1e-3, atol_scale=1e-3)
+    for name, got, exp in zip(("dh", "dW", "db"), grads, want):
+        assert_close(f"bf16 {name}", got, exp, **TOL[torch.bfloat16])
+    # |z| ~ 1e4: log-probs and entropy from max-shifted exponentials keep fp32 precision.
+    h, w, _, y, mask, g = make_inputs(2, 6, 16, seed=13, bias=False, logit_scale=4e4)
+    lp64, ent64 = oracle_logprobs(h, w, y)
+    assert lp64.abs().max() > 1e3
+    n = y.numel()
+    out = tc.fused_loss_impl(h.reshape(n, -1), w, y.reshape(-1), torch.zeros(n), torch.ones(n),
+                             None, torch.full((n,), 1.0 / n), mask.reshape(-1), None, 1.0,
+                             LossSettings(), True, None, True, True, False)
+    assert wide_modes == ["gather", "gather"]
+    lp, ent = out[1].reshape(y.shape), out[2].reshape(y.shape)
+    assert_close("extreme lp", lp[mask], lp64[mask], rtol=1e-6, atol_scale=1e-7)
+    assert_close("extreme entropy", ent[mask], ent64[mask], rtol=1e-4, atol_scale=1e-5)
+    assert (lp[~mask] == 0).all()
+
+
+def test_whole_batch_uses_runs_of_rows_in_place(monkeypatch, wide_modes):
+    # Right-padded sequences: runs of active rows are used in place (no copy), as columns
+    # of the logits; the padding is never read, so even non-finite values there are fine.
+    monkeypatch.setattr(whole_batch, "RUN_ROWS", 8)  # 1 + 25 // 8 = 4 runs allowed
+    h, w, b, y, _, g = make_inputs(3, 10, 32, seed=14)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[0, 8:] = False
+    mask[2, 7:] = False  # active rows: [0, 8), [10, 27) -> 2 runs
+    old, adv, ref = loss_inputs(h, w, y, mask, g, bias=b)
+    loss64, _, _, want = oracle_fused(h, w, y, old, adv, mask, bias=b)
+    h_pad = h.clone()
+    h_pad[~mask] = float("inf")
+    loss, stats, grads = run_fused("torch", h_pad, w, y, old, adv, mask, bias=b)
+    assert wide_modes == ["runs=2"]
+    assert_close("loss", loss, loss64, rtol=1e-5, atol_scale=1e-5)
+    for name, got, exp in zip(("dh", "dW", "db"), grads, want):
+        assert_close(f"runs {name}", got, exp, **TOL[torch.float32])
+    assert (grads[0][~mask] == 0).all()
+
+
+def test_whole_batch_gathers_scattered_rows_or_falls_back(monkeypatch, wide_modes):
+    # Scattered rows (many runs) are gathered when their fp32 copy fits the budget; when it
+    # does not, the row-chunked path runs. Both exact.
+    h, w, _, y, mask, g = make_inputs(2, 16, 64, seed=17, bias=False, mask_frac=0.3)
+    old, adv, _ = loss_inputs(h, w, y, mask, g)
+    loss64, _, _, want = oracle_fused(h, w, y, old, adv, mask)
+    n = int(mask.sum())
+    monkeypatch.setattr(chunk_plan, "RESERVE_BYTES", 0)
+    fits = chunk_plan.whole_batch_block(n, 64, V_ODD, copy_bytes=4 * n * 64, bias=False,
+                                        budget=64 << 10)
+    assert fits and not chunk_plan.whole_batch_block(n, 64, V_ODD, copy_bytes=4 * n * 64,
+                                                     bias=False, budget=8 << 10)
+    for budget, taken in ((64 << 10, ["gather"]), (8 << 10, [])):
+        monkeypatch.setattr(tc, "EXTRA_BUDGET_BYTES", budget)
+        wide_modes.clear()
+        loss, _, grads = run_fused("torch", h, w, y, old, adv, mask)
+        assert wide_modes == taken, budget
+        assert_close(f"loss, budget {budget}", loss, loss64, rtol=1e-5, atol_scale=1e-5)
+        for name, got, exp in zip(("dh", "dW"), grads, want):
+            assert_close(f"budget {budget} {name}", got, exp, **TOL[torch.float32])
+
+
+def test_whole_batch_every_row_preclipped_gives_zero_grads(wide_modes):
+    # No row has a gradient: ∂W (whose storage held the logits) must come back all zero.
+    h, w, b, y, _, _ = make_inputs(1, 10, 16, seed=15)
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    lp64, _ = oracle_logprobs(h, w, y, b)
+    old = (lp64 - 9.0).float()  # log-ratio 9: above Pre-CLIP's band everywhere
+    loss, stats, grads = run_fused("torch", h, w, y, old, torch.ones(1), mask, bias=b)
+    assert wide_modes == ["runs=1"] and stats["preclip_frac"].item() == 1.0
+    for x in grads:
+        assert torch.isfinite(x).all() and (x == 0).all()
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all-valid", "masked-rows"])
+def test_whole_batch_extra_memory_within_budget(monkeypatch, wide_modes, masked):
+    # Logits 16x the budget; the whole-batch call's peak beyond its gradients stays inside.
+    monkeypatch.setattr(tc, "MAX_CHUNK_ROWS", None)
+    monkeypatch.setattr(chunk_plan, "RESERVE_BYTES", 0)
+    budget = 1 << 20
+    monkeypatch.setattr(tc, "EXTRA_BUDGET_BYTES", budget)
+    N, H, V = 256, 256, 16384
+    g = torch.Generator().manual_seed(16)
+    h, w = torch.randn(1, N, H, generator=g), torch.randn(V, H, generator=g) / H ** 0.5
+    y = torch.randint(0, V, (1, N), generator=g)
+    mask = torch.ones(1, N, dtype=torch.bool)
+    if masked:
+        mask[0, ::8] = False
+    with torch.no_grad():
+        old = token_logprobs(h, w, y, backend="torch") - 0.05
+    adv = torch.randn(1, N, generator=g)
+    hh, ww = leaf(h, w)
+    assert N * V * 4 >= 16 * budget
+
+    def step():
+        loss, _ = fused_stable_reinforce_loss(hh, ww, y, old, adv, mask, backend="torch",
+                                              return_entropy=True)
+        loss.backward()
+    step()
+    hh.grad = ww.grad = None
+    peak = _torch_alloc_peak(step)
+    assert wide_modes == 2 * ["gather" if masked else "runs=1"]
+    assert peak - hh.grad.nbytes - ww.grad.nbytes <= budget
