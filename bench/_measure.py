@@ -4,7 +4,8 @@ On CPU the peak of one call is read from the kernel's high-water mark: writing `
 ``/proc/self/clear_refs`` resets ``VmHWM`` (and ``ru_maxrss``) to the current RSS, so a
 warmed-up process can measure a single call without the warm-up's (or compilation's)
 peak leaking in. Where that reset is not allowed, only the first call of a fresh process
-can be measured; :func:`can_reset_peak` tells which.
+can be measured; :func:`can_reset_peak` tells which. Free heap pages are handed back to
+the kernel first, so memory an earlier call freed counts again when a call reuses it.
 """
 from __future__ import annotations
 
@@ -31,7 +32,18 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _release_free_heap() -> None:
+    """Hand glibc's free heap pages back to the kernel (``malloc_trim``), so a call that
+    reuses memory an earlier call freed faults its pages in again and shows in the RSS."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: freed memory may stay resident and hide part of a call's peak
+
+
 def reset_peak_rss() -> bool:
+    _release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

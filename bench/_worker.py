@@ -98,8 +98,9 @@ def measure(spec: dict) -> dict:
         "load1": os.getloadavg()[0],  # other jobs on the machine make timings noisy
     })
     if method.startswith("r1reward-torch") and dev.type == "cpu":
-        from r1reward.kernels import cpu_blas
-        row["cpu_blas"] = ",".join(sorted(set(cpu_blas._memo.values()))) or cpu_blas.setting()
+        from r1reward.kernels import cpu_blas, whole_batch
+        engines = sorted(set(cpu_blas._memo.values())) + (["whole"] if whole_batch.calls else [])
+        row["cpu_blas"] = ",".join(engines) or cpu_blas.setting()
     return row
 
 

@@ -26,8 +26,9 @@ FILTER_SHARE = 8
 # Per active row: lp/entropy/loss outputs, indices, gathered targets and loss inputs, and
 # the loss math's per-row temporaries (a few dozen 4- or 8-byte vectors).
 PER_ROW_VECTORS = 256
-# Largest block temporary of the whole-batch path (GEMM-sized blocks; bigger gains nothing).
-WHOLE_BATCH_BLOCK = 16 << 20
+# Largest block temporary of the whole-batch path: ∂W's blocks each re-read (and BLAS
+# re-packs) all of h, so fewer, larger blocks are faster; past ~48 MiB nothing is gained.
+WHOLE_BATCH_BLOCK = 48 << 20
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,12 @@ def whole_batch_block(n_rows: int, hidden: int, vocab: int, *, copy_bytes: int, 
     Its logits live in the weight gradient's storage; what it adds is the per-row
     vectors, ``copy_bytes`` (the active rows' fp32 copy, when ``h`` cannot be used as is),
     O(V) vectors (the bias-gradient sum; the scaled bias and its gradient) and, one at a
-    time, a block temporary: zᵀ rows copied aside, ∂h rows, entropy's ``e·log e``
-    (counted twice for the 16-bit ∂h cast and allocator rounding).
+    time, a block temporary: zᵀ rows copied aside, ∂h rows (with their 16-bit cast: 1.5
+    blocks), entropy's ``e·log e``.
     """
     budget = EXTRA_BUDGET_BYTES if budget is None else budget
     fixed = PER_ROW_VECTORS * max(n_rows, 1) + copy_bytes + 4 * vocab * (1 + 2 * int(bias))
-    block = min(WHOLE_BATCH_BLOCK, (budget - RESERVE_BYTES - fixed) // 2)
+    block = min(WHOLE_BATCH_BLOCK, (budget - RESERVE_BYTES - fixed) * 2 // 3)
     smallest = 4 * 8 * max(n_rows, hidden)  # 8 vocab rows of zᵀ, 8 rows of ∂h
     return block if block >= smallest else 0
 

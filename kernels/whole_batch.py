@@ -25,6 +25,8 @@ ENABLED = True
 # 1 + rows // RUN_ROWS of them: each extra run adds one read+write pass over ∂W (the
 # K-split of its GEMM), ~1.5 % of the call per 1024 rows; beyond that the rows are gathered.
 RUN_ROWS = 1024
+# Calls that took this path in this process (benchmarks report it).
+calls = 0
 
 
 def plan(h, w, rows_all, grads, filter_eps, chunk_rows, budget, *, bias):
@@ -63,6 +65,8 @@ def fused(runs, block_bytes, h, w32, bz, inv_tau, t, old_lp, adv, ref_lp, tok_we
           rows, settings, lp, ent, grads):
     """The fused loss over all active ``rows`` at once; fills ``lp``/``ent`` and ``grads``
     (∂W written last) and returns the loss."""
+    global calls
+    calls += 1
     vocab, hidden = w32.shape
     dev, n = h.device, rows.numel()
     if runs is None:

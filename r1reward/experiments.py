@@ -11,12 +11,18 @@ Writes ``summary.json``, ``summary.md`` (a table) and ``stability.png`` to ``--o
 each run's own directory is under ``runs/<variant>/seed<k>``. Finished runs are reused
 when the command is repeated with the same settings (so an interrupted sweep resumes); a
 run made with other settings (e.g. another ``--lr``) is run again.
+
+``--jobs N`` runs N runs at a time in worker processes, the cores split between them
+(default: one per core), after the shared cold start is built.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from r1reward.log import logger as log
@@ -97,8 +103,54 @@ def run_one(argv: list[str], run_dir: Path) -> dict:
     return {"summary": summary, "rows": rows}
 
 
+def _worker_init(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+    torch.set_num_threads(threads)
+    setup_logging()
+
+
+def _run_all(runs: dict, out: Path, jobs: int) -> dict:
+    """Every run of ``runs`` ({(variant, seed): argv}); ``jobs`` at a time after the first."""
+    keys = list(runs)
+    done = {}
+    if jobs <= 1:
+        for k in keys:
+            log.info("stability: %s seed %d (%d/%d)", k[0], k[1], len(done) + 1, len(keys))
+            done[k] = run_one(runs[k], _run_dir(out, k))
+        return done
+    shared_cold_start(runs[keys[0]], out)
+    threads = max(1, _cores() // jobs)
+    log.info("stability: %d runs, %d at a time, %d thread(s) each", len(keys), jobs, threads)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {k: pool.submit(run_one, runs[k], _run_dir(out, k)) for k in keys}
+        for k, f in futures.items():
+            done[k] = f.result()
+            log.info("stability: %s seed %d done (%d/%d)", k[0], k[1], len(done), len(keys))
+    return done
+
+
+def shared_cold_start(argv: list[str], out: Path) -> None:
+    """Build the data, tiny model and cold start every run shares (``--sft.seed``) before the
+    workers start, so they find it cached instead of each training it."""
+    from r1reward.config import parse_args
+    from r1reward.job import prepare
+    from r1reward.parallelize import init_distributed
+    log.info("stability: building the shared cold start")
+    prepare(parse_args([*argv, "--output", str(out)]), init_distributed(False), out)
+
+
+def _run_dir(out: Path, key: tuple[str, int]) -> Path:
+    return out / "runs" / key[0] / f"seed{key[1]}"
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def stability(out: Path, size: str, variants: list[str], seeds: int | None,
-              lr: float = STRESS_LR) -> dict:
+              lr: float = STRESS_LR, jobs: int = 1) -> dict:
     steps, n_seeds, n_held, every, sft_steps = SIZES[size]
     n_seeds = seeds or n_seeds
     base = [*STRESS, "--optim.lr", f"{lr:g}", "--steps", str(steps), "--data.n_heldout", str(n_held),
@@ -107,13 +159,15 @@ def stability(out: Path, size: str, variants: list[str], seeds: int | None,
                "sft_steps": sft_steps, "flags": list(base),
                "variants": {v: list(VARIANTS[v]) for v in variants}}
     result = {"setting": setting, "variants": {}}
+    runs = {(v, seed): [*base, *VARIANTS[v], "--seed", str(seed)]
+            for v in variants for seed in range(n_seeds)}
+    done = _run_all(runs, out, jobs)
     for v in variants:
         agg = {"seeds": n_seeds, "collapsed": 0, "collapse_reasons": [], "heldout_before": [],
                "heldout_final": [], "ratio_max": [], "preclip_frac_mean": [],
                "clip_frac_mean": [], "filtered_frac_mean": [], "reward_final10": [], "curves": []}
         for seed in range(n_seeds):
-            log.info("stability: %s seed %d", v, seed)
-            r = run_one([*base, *VARIANTS[v], "--seed", str(seed)], out / "runs" / v / f"seed{seed}")
+            r = done[(v, seed)]
             s, rows = r["summary"], r["rows"]
             why = collapse(rows, s["heldout_accuracy_before"])
             agg["collapsed"] += why is not None
@@ -196,6 +250,8 @@ def main(argv=None) -> None:
                     help=f"comma-separated subset of {','.join(VARIANTS)}")
     st.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: by size)")
     st.add_argument("--lr", type=float, default=STRESS_LR, help="learning rate of the stress setting")
+    st.add_argument("--jobs", type=int, default=0,
+                    help="runs at a time in worker processes (0 = one per core)")
     a = p.parse_args(argv)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -206,7 +262,10 @@ def main(argv=None) -> None:
     setup_logging()
     if not a.lr > 0:
         p.error(f"--lr must be > 0, got {a.lr}")
-    result = stability(out, "quick" if a.quick else "full", variants, a.seeds, a.lr)
+    if a.jobs < 0:
+        p.error(f"--jobs must be >= 0, got {a.jobs}")
+    result = stability(out, "quick" if a.quick else "full", variants, a.seeds, a.lr,
+                       a.jobs or _cores())
     print(table(result))
 
 

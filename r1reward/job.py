@@ -169,6 +169,16 @@ def cold_start(cfg: JobConfig, d: Dist, base_dir: Path, train_pairs: list
     return init_dir, info, rl_pairs
 
 
+def prepare(cfg: JobConfig, d: Dist, out: Path):
+    """Data, base model and cold start (each built once and cached): returns the RL and
+    held-out pairs, data info, the policy's starting checkpoint and the cold-start info."""
+    seed_all(cfg.seed)
+    train_pairs, held_pairs, data_info = prepare_data(cfg, d, out)
+    init_dir, sft_info, train_pairs = cold_start(cfg, d, base_model_dir(cfg, d), train_pairs)
+    data_info["n_rl"] = len(train_pairs)
+    return train_pairs, held_pairs, data_info, init_dir, sft_info
+
+
 def run(cfg: JobConfig) -> dict | None:
     """The whole job; returns the summary (None when stopped by ``--stop_after``)."""
     d = init_distributed(cfg.parallel.fsdp)
@@ -188,11 +198,7 @@ def run(cfg: JobConfig) -> dict | None:
     if isinstance(outcome, ConfigError):
         raise outcome
     cfg = JobConfig.from_dict(outcome)
-    seed_all(cfg.seed)
-    train_pairs, held_pairs, data_info = prepare_data(cfg, d, out)
-    base_dir = base_model_dir(cfg, d)
-    init_dir, sft_info, train_pairs = cold_start(cfg, d, base_dir, train_pairs)
-    data_info["n_rl"] = len(train_pairs)
+    train_pairs, held_pairs, data_info, init_dir, sft_info = prepare(cfg, d, out)
     seed_all(cfg.seed * 1000 + d.rank)  # rollouts differ per rank, reproducibly
     trainer = Trainer(cfg, d, out, train_pairs, held_pairs, init_dir, Progress(sft=sft_info),
                       data_info)

@@ -35,7 +35,7 @@ def toy_sizes(monkeypatch, tmp_path):
 def test_stability_quick_writes_summary_table_and_plot(toy_sizes, tmp_path):
     out = tmp_path / "exp"
     E.main(["stability", "--quick", "--output", str(out), "--variants", "stable_reinforce,reinforce_pp",
-            "--lr", "1e-3"])
+            "--lr", "1e-3", "--jobs", "2"])  # runs 2-4 in two worker processes
     s = json.loads((out / "summary.json").read_text())
     assert s["setting"]["steps"] == 2 and s["setting"]["seeds"] == 2
     for name in ("stable_reinforce", "reinforce_pp"):
@@ -58,6 +58,8 @@ def test_stability_quick_writes_summary_table_and_plot(toy_sizes, tmp_path):
     assert config0["optim"]["lr"] == E.STRESS_LR
 
 
-def test_unknown_variant_is_refused(tmp_path):
+def test_unknown_variant_and_negative_jobs_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         E.main(["stability", "--output", str(tmp_path), "--variants", "ppo"])
+    with pytest.raises(SystemExit):
+        E.main(["stability", "--output", str(tmp_path), "--jobs", "-1"])
