@@ -111,7 +111,8 @@ def _worker_init(threads: int) -> None:
 
 
 def _run_all(runs: dict, out: Path, jobs: int) -> dict:
-    """Every run of ``runs`` ({(variant, seed): argv}); ``jobs`` at a time after the first."""
+    """Every run of ``runs`` ({(variant, seed): argv}); with ``jobs`` > 1, that many at a
+    time in worker processes once the shared cold start is built."""
     keys = list(runs)
     done = {}
     if jobs <= 1:
