@@ -227,6 +227,8 @@ def plot(result: dict, path: Path) -> None:
         for i, (name, a) in enumerate(result["variants"].items()):
             for j, c in enumerate(a["curves"]):
                 pts = [(s, v) for s, v in zip(c["step"], c[key]) if isinstance(v, (int, float))]
+                if key == "heldout_accuracy" and c["step"]:  # with the readings before and after RL
+                    pts = [(0, a["heldout_before"][j]), *pts, (c["step"][-1], a["heldout_final"][j])]
                 if pts:
                     ax.plot(*zip(*pts), color=f"C{i}", lw=1, alpha=0.8,
                             marker="o" if key == "heldout_accuracy" else None, ms=3,
