@@ -149,6 +149,10 @@ def templated_analysis(pair: PreferencePair) -> str:
             f"<answer>{k}</answer>")
 
 
+# How a careless judgment says it skipped the image (r1reward.sft_probe counts them).
+GUESS_MARK = "Without checking the image"
+
+
 def guessed_analysis(pair: PreferencePair, choice: int) -> str:
     """A judgment from a careless teacher that never checks the image: it quotes both
     responses and picks ``choice`` (right or wrong). Mixed into the cold-start data
@@ -165,7 +169,7 @@ def guessed_analysis(pair: PreferencePair, choice: int) -> str:
                 f"Response 2 says {_value_phrase(kind, shape, vals[2])}. ")
     else:
         body = "Both responses answer the question. "
-    return (f"<think>{body}Without checking the image, Response {choice} sounds more likely, "
+    return (f"<think>{body}{GUESS_MARK}, Response {choice} sounds more likely, "
             f"so Response {choice} is better.</think><answer>{choice}</answer>")
 
 

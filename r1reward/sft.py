@@ -162,8 +162,10 @@ class PromptCache:
         return {k: v.to(device) for k, v in out.items()}
 
 
-def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=None) -> list[float]:
-    """Plain AdamW SFT (cosine LR) on the fused log-prob path; returns per-step losses."""
+def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=None,
+              after_step=None) -> list[float]:
+    """Plain AdamW SFT (cosine LR) on the fused log-prob path; returns per-step losses.
+    ``after_step(step, losses)``, if given, is called after every optimizer step."""
     log = log or logger.info
     FusedLMHead.install(model, backend="auto")
     torch.manual_seed(seed)
@@ -194,6 +196,9 @@ def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=Non
         losses.append(loss.item())
         if step % max(10, cfg.steps // 30) == 0 or step == cfg.steps - 1:
             log(f"sft step {step + 1}/{cfg.steps} loss {losses[-1]:.4f}")
+        if after_step is not None:
+            after_step(step + 1, losses)
+            model.train()
     model.eval()
     return losses
 

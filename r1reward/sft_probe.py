@@ -1,0 +1,134 @@
+"""``python -m r1reward.sft_probe``: how fast the cold start learns each kind of judgment.
+
+Runs the embedded default's cold-start SFT (generated pairs, templated analyses, the
+careless teacher as configured) and every ``--every`` steps judges a held-out slice
+greedily, each pair in both orders. Accuracy is reported overall, per question kind and
+per (kind, shape), with the share of judgments written in the careless teacher's style
+(no image check). The comparison of a response with the image forms late and abruptly,
+and at a different step per kind, machine and seed (docs/training_runs.md): this is the
+instrument for it.
+
+Writes ``probe.jsonl`` (one row per checkpoint) to ``--output`` and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from r1reward.config import DataConfig, SFTConfig
+from r1reward.data import GUESS_MARK, PreferencePair, generated_split, load_pairs
+from r1reward.rewards import parse_answer
+
+
+def judge_groups(engine, pairs: list[PreferencePair], *, max_new_tokens: int = 80,
+                 batch_size: int = 48) -> dict[str, dict]:
+    """Greedy judgments of ``pairs`` in both orders: accuracy and careless share per group
+    ("all", the kind, "kind/shape")."""
+    shown = list(pairs) + [p.swapped() for p in pairs]
+    counts: dict[str, list[int]] = {}
+    for i in range(0, len(shown), batch_size):
+        chunk = shown[i:i + batch_size]
+        gen = engine.generate(chunk, do_sample=False, max_new_tokens=max_new_tokens, num_samples=1)
+        for p, text in zip(chunk, gen.texts):
+            kind, shape = p.meta.get("kind", "?"), p.meta.get("shape", "?")
+            for key in ("all", kind, f"{kind}/{shape}"):
+                c = counts.setdefault(key, [0, 0, 0])
+                c[0] += parse_answer(text) == p.preferred
+                c[1] += GUESS_MARK in text
+                c[2] += 1
+    return {k: {"accuracy": c[0] / c[2], "careless": c[1] / c[2], "n": c[2]}
+            for k, c in sorted(counts.items())}
+
+
+def probe(out: Path, cfg: SFTConfig, *, every: int, kinds: tuple[str, ...], n_train: int,
+          n_heldout: int, seed: int, log=None) -> list[dict]:
+    """SFT with a held-out reading every ``every`` steps (and at the last); progress rows
+    go to ``log`` (default: stderr), every row to ``out/probe.jsonl``."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    from r1reward import sft
+    from r1reward.engine import HFEngine
+    from r1reward.model import load_model_and_processor
+
+    train_file, held_file = generated_split(n_train, n_heldout, 0, kinds)
+    train = load_pairs(train_file, strict=True).pairs
+    held = load_pairs(held_file, strict=True).pairs
+    examples = sft.examples_for(train, cfg, seed)
+    model, processor = load_model_and_processor(None)
+    engine = HFEngine(model, processor)
+    rows: list[dict] = []
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    sink = open(out / "probe.jsonl", "w", encoding="utf-8")
+
+    def checkpoint(step: int, losses: list[float]) -> None:
+        if step % every and step != cfg.steps:
+            return
+        recent = losses[-every:]
+        row = {"step": step, "loss": sum(recent) / len(recent), "seconds": time.time() - t0,
+               "groups": judge_groups(engine, held)}
+        rows.append(row)
+        sink.write(json.dumps(row) + "\n")
+        sink.flush()
+        log(table(rows) if len(rows) == 1 else table_row(row, columns(rows)))
+
+    with sink:
+        sft.train_sft(model, processor, examples, cfg, seed=seed, log=lambda _: None,
+                      after_step=checkpoint)
+    return rows
+
+
+def columns(rows: list[dict]) -> list[str]:
+    groups = rows[0]["groups"]
+    return ["all"] + [k for k in groups if k != "all" and "/" not in k] + \
+        [k for k in groups if "/" in k]
+
+
+def table_row(row: dict, cols: list[str]) -> str:
+    g = row["groups"]
+    cells = [f"{g[c]['accuracy']:.3f}" if c in g else "-" for c in cols]
+    careless = g["all"]["careless"]
+    return f"| {row['step']} | {row['loss']:.4f} | " + " | ".join(cells) + f" | {careless:.3f} |"
+
+
+def table(rows: list[dict]) -> str:
+    cols = columns(rows)
+    head = "| step | loss | " + " | ".join(cols) + " | careless |"
+    rule = "|" + "---|" * (len(cols) + 3)
+    return "\n".join([head, rule] + [table_row(r, cols) for r in rows])
+
+
+def main(argv=None) -> None:
+    d, dd = SFTConfig(), DataConfig()
+    p = argparse.ArgumentParser(prog="python -m r1reward.sft_probe", description=__doc__.split("\n")[0])
+    p.add_argument("--output", required=True, help="directory for probe.jsonl")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--every", type=int, default=250, help="SFT steps between held-out readings")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--guess-rate", type=float, default=d.guess_rate)
+    p.add_argument("--guess-on", default=d.guess_on)
+    p.add_argument("--kinds", default=dd.kinds, help="question kinds of the generated set")
+    p.add_argument("--n-train", type=int, default=dd.n_train)
+    p.add_argument("--n-heldout", type=int, default=96, help="held-out pairs judged per reading")
+    p.add_argument("--seed", type=int, default=0, help="the cold start's seed (order, teacher)")
+    a = p.parse_args(argv)
+    kinds = tuple(k.strip() for k in a.kinds.split(",") if k.strip())
+    for name, ok in (("--steps", a.steps >= 1), ("--every", a.every >= 1),
+                     ("--n-heldout", a.n_heldout >= 1), ("--n-train", a.n_train >= 1),
+                     ("--guess-rate", 0 <= a.guess_rate <= 1), ("--lr", a.lr > 0),
+                     ("--kinds", bool(kinds) and all(k in ("color", "shape", "count", "position")
+                                                     for k in kinds))):
+        if not ok:
+            p.error(f"{name}: invalid value")
+    cfg = SFTConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, guess_rate=a.guess_rate,
+                    guess_on=a.guess_on)
+    rows = probe(Path(a.output), cfg, every=a.every, kinds=kinds, n_train=a.n_train,
+                 n_heldout=a.n_heldout, seed=a.seed)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

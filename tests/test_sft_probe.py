@@ -1,0 +1,56 @@
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from r1reward import sft_probe
+from r1reward.data import GUESS_MARK, PreferencePair
+
+
+class Scripted:
+    """An engine that answers from a fixed rule: right on circles, careless and "1" otherwise."""
+
+    def generate(self, pairs, *, do_sample, max_new_tokens, num_samples=1, **kw):
+        texts = []
+        for p in pairs:
+            if p.meta["shape"] == "circle":
+                texts.append(f"<think>x</think><answer>{p.preferred}</answer>")
+            else:
+                texts.append(f"<think>{GUESS_MARK}, so 1.</think><answer>1</answer>")
+        return SimpleNamespace(texts=texts)
+
+
+def _pair(i, shape, kind, preferred):
+    return PreferencePair(f"p{i}", "", "q", "a", "b", preferred,
+                          {"kind": kind, "shape": shape, "truth": "t", "wrong": "w"})
+
+
+def test_judge_groups_counts_accuracy_and_careless_share_per_group():
+    pairs = [_pair(0, "circle", "color", 1), _pair(1, "square", "color", 2),
+             _pair(2, "square", "shape", 1)]
+    g = sft_probe.judge_groups(Scripted(), pairs, batch_size=2)
+    assert g["all"]["n"] == 6  # both orders
+    assert g["color/circle"] == {"accuracy": 1.0, "careless": 0.0, "n": 2}
+    # a constant "1" is right in exactly one of the two orders
+    assert g["color/square"] == {"accuracy": 0.5, "careless": 1.0, "n": 2}
+    assert g["color"]["accuracy"] == 0.75 and g["shape"]["careless"] == 1.0
+    assert g["all"]["accuracy"] == pytest.approx(4 / 6)
+
+
+def test_probe_writes_a_row_per_reading(tiny_dir, tmp_path, capsys):
+    sft_probe.main(["--output", str(tmp_path), "--steps", "3", "--every", "2", "--n-train", "8",
+                    "--n-heldout", "2", "--kinds", "color,shape"])
+    rows = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3]  # every 2 steps and the last
+    for r in rows:
+        assert r["groups"]["all"]["n"] == 4 and 0 <= r["groups"]["all"]["accuracy"] <= 1
+        assert r["loss"] > 0
+    assert "| step | loss | all |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag,value", [("--every", "0"), ("--kinds", "smell"),
+                                        ("--guess-rate", "2")])
+def test_bad_flags_are_refused_by_name(tmp_path, flag, value, capsys):
+    with pytest.raises(SystemExit):
+        sft_probe.main(["--output", str(tmp_path), flag, value])
+    assert flag in capsys.readouterr().err
