@@ -114,7 +114,11 @@ def main(argv=None) -> None:
     p.add_argument("--n-train", type=int, default=dd.n_train)
     p.add_argument("--n-heldout", type=int, default=96, help="held-out pairs judged per reading")
     p.add_argument("--seed", type=int, default=0, help="the cold start's seed (order, teacher)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier probe.jsonl in --output")
     a = p.parse_args(argv)
+    if (Path(a.output) / "probe.jsonl").exists() and not a.overwrite:
+        p.error(f"--output {a.output}: probe.jsonl exists (an earlier probe); pass --overwrite "
+                "to replace it, or choose another directory")
     kinds = tuple(k.strip() for k in a.kinds.split(",") if k.strip())
     for name, ok in (("--steps", a.steps >= 1), ("--every", a.every >= 1),
                      ("--n-heldout", a.n_heldout >= 1), ("--n-train", a.n_train >= 1),

@@ -48,6 +48,14 @@ def test_probe_writes_a_row_per_reading(tiny_dir, tmp_path, capsys):
     assert "| step | loss | all |" in capsys.readouterr().out
 
 
+def test_an_earlier_probe_is_not_overwritten_by_default(tmp_path, capsys):
+    (tmp_path / "probe.jsonl").write_text("earlier\n")
+    with pytest.raises(SystemExit):
+        sft_probe.main(["--output", str(tmp_path), "--steps", "1"])
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "probe.jsonl").read_text() == "earlier\n"
+
+
 @pytest.mark.parametrize("flag,value", [("--every", "0"), ("--kinds", "smell"),
                                         ("--guess-rate", "2")])
 def test_bad_flags_are_refused_by_name(tmp_path, flag, value, capsys):
