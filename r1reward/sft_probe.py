@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from r1reward.config import DataConfig, SFTConfig
-from r1reward.data import GUESS_MARK, PreferencePair, generated_split, load_pairs
+from r1reward.data import GUESS_MARK, KINDS, PreferencePair, generated_split, load_pairs
 from r1reward.rewards import parse_answer
 
 
@@ -88,7 +88,7 @@ def columns(rows: list[dict]) -> list[str]:
 
 def table_row(row: dict, cols: list[str]) -> str:
     g = row["groups"]
-    cells = [f"{g[c]['accuracy']:.3f}" if c in g else "-" for c in cols]
+    cells = [f"{g[c]['accuracy']:.3f}" for c in cols]
     careless = g["all"]["careless"]
     return f"| {row['step']} | {row['loss']:.4f} | " + " | ".join(cells) + f" | {careless:.3f} |"
 
@@ -123,8 +123,7 @@ def main(argv=None) -> None:
     for name, ok in (("--steps", a.steps >= 1), ("--every", a.every >= 1),
                      ("--n-heldout", a.n_heldout >= 1), ("--n-train", a.n_train >= 1),
                      ("--guess-rate", 0 <= a.guess_rate <= 1), ("--lr", a.lr > 0),
-                     ("--kinds", bool(kinds) and all(k in ("color", "shape", "count", "position")
-                                                     for k in kinds))):
+                     ("--kinds", bool(kinds) and all(k in KINDS for k in kinds))):
         if not ok:
             p.error(f"{name}: invalid value")
     cfg = SFTConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, guess_rate=a.guess_rate,
