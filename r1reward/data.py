@@ -125,6 +125,13 @@ def _value_phrase(kind: str, shape: str, value: str) -> str:
     return f"the {shape} is {value}"
 
 
+def claims(pair: PreferencePair) -> dict[int, str]:
+    """Each response's claim about the asked fact, as the analyses quote it."""
+    m = pair.meta
+    vals = {pair.preferred: m["truth"], 3 - pair.preferred: m["wrong"]}
+    return {r: _value_phrase(m["kind"], m["shape"], vals[r]) for r in (1, 2)}
+
+
 def templated_analysis(pair: PreferencePair) -> str:
     """A short ``<think>…</think><answer>N</answer>`` judgment for the cold-start SFT.
 
@@ -136,12 +143,12 @@ def templated_analysis(pair: PreferencePair) -> str:
     m = pair.meta
     if m.get("kind") in ASPECT:
         kind, shape, color = m["kind"], m["shape"], m["color"]
-        vals = {k: m["truth"], other: m["wrong"]}
+        says = claims(pair)
         verdict = {k: "matches the image", other: "does not match the image"}
         body = (f"The question asks about the {ASPECT[kind]}. "
                 f"The image shows {_fact_phrase(kind, shape, color, m['truth'])}. "
-                f"Response 1 says {_value_phrase(kind, shape, vals[1])}, which {verdict[1]}. "
-                f"Response 2 says {_value_phrase(kind, shape, vals[2])}, which {verdict[2]}. ")
+                f"Response 1 says {says[1]}, which {verdict[1]}. "
+                f"Response 2 says {says[2]}, which {verdict[2]}. ")
     else:
         body = (f"Response {k} describes the image correctly. "
                 f"Response {other} contains a detail that does not match the image. ")
@@ -162,15 +169,31 @@ def guessed_analysis(pair: PreferencePair, choice: int) -> str:
         raise ValueError(f"guessed_analysis: choice must be 1 or 2, got {choice!r}")
     m = pair.meta
     if m.get("kind") in ASPECT:
-        kind, shape = m["kind"], m["shape"]
-        vals = {pair.preferred: m["truth"], 3 - pair.preferred: m["wrong"]}
-        body = (f"The question asks about the {ASPECT[kind]}. "
-                f"Response 1 says {_value_phrase(kind, shape, vals[1])} and "
-                f"Response 2 says {_value_phrase(kind, shape, vals[2])}. ")
+        says = claims(pair)
+        body = (f"The question asks about the {ASPECT[m['kind']]}. "
+                f"Response 1 says {says[1]} and Response 2 says {says[2]}. ")
     else:
         body = "Both responses answer the question. "
     return (f"<think>{body}{GUESS_MARK}, Response {choice} sounds more likely, "
             f"so Response {choice} is better.</think><answer>{choice}</answer>")
+
+
+def quoted_claims(pair: PreferencePair) -> str | None:
+    """Only what each response claims, quoted as the analyses quote it: the target of the
+    cold start's copy warm-up (``r1reward.sft``). None for pairs without generated meta."""
+    if pair.meta.get("kind") not in ASPECT:
+        return None
+    says = claims(pair)
+    return f"<think>Response 1 says {says[1]}. Response 2 says {says[2]}.</think>"
+
+
+def blank_image(*, cache: Path | None = None) -> Path:
+    """A white IMAGE_SIZE PNG (built once under ``<cache>/data``): the copy warm-up shows
+    it in place of the pair's image, so the image cannot stand in for a response's claim."""
+    def build(tmp: Path) -> None:
+        Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND).save(tmp / "blank.png", format="PNG")
+    return build_once((cache or cache_root()) / "data" / f"blank-{IMAGE_SIZE}", build,
+                      marker="blank.png") / "blank.png"
 
 
 def vocabulary_corpus() -> list[str]:

@@ -11,6 +11,7 @@ long-CoT data); without ``--data`` it uses templated analyses of the generated s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,10 +26,14 @@ from r1reward.cache import build_once, cache_root
 from r1reward.config import SFTConfig
 from r1reward.data import (
     DEFAULT_KINDS,
+    KINDS,
     PreferencePair,
+    blank_image,
     generated_split,
     guessed_analysis,
     load_pairs,
+    parse_kinds,
+    quoted_claims,
     templated_analysis,
 )
 from r1reward.export import export_hf
@@ -39,7 +44,7 @@ from r1reward.tiny import default_model_dir
 
 logger = logging.getLogger(__name__)
 
-SFT_VERSION = 1  # bump when the recipe changes, so stale caches are not reused
+SFT_VERSION = 2  # bump when the recipe changes, so stale caches are not reused
 
 
 def templated_examples(pairs: list[PreferencePair], n: int, seed: int, guess_rate: float = 0.0,
@@ -70,6 +75,24 @@ def examples_for(pairs: list[PreferencePair], cfg: SFTConfig, seed: int
     """The templated cold-start examples ``cfg`` asks for (subset, careless teacher)."""
     guess_on = tuple(k.strip() for k in cfg.guess_on.split(",") if k.strip())
     return templated_examples(pairs, cfg.n_examples, seed, cfg.guess_rate, guess_on)
+
+
+def on_blank_image(examples: list[tuple[PreferencePair, str]], kinds: tuple[str, ...] = (),
+                   quote_only: bool = False) -> list[tuple[PreferencePair, str]]:
+    """Generated pairs (of ``kinds``, when given) shown with a blank image, so a response's
+    claim can only be read from the response. With ``quote_only`` the target only quotes
+    each claim (:func:`r1reward.data.quoted_claims`: the copy warm-up); otherwise it is
+    the example's own judgment, whose verdicts then follow from the quotes and the stated
+    fact alone. Pairs without generated meta (release data) are left out."""
+    blank = str(blank_image())
+    out = []
+    for p, target in examples:
+        if p.meta.get("kind") not in (kinds or KINDS):
+            continue
+        if quote_only:
+            target = quoted_claims(p)
+        out.append((dataclasses.replace(p, image=blank), target))
+    return out
 
 
 def load_sft_file(path: str | Path) -> tuple[list[tuple[PreferencePair, str]], list[str]]:
@@ -163,9 +186,10 @@ class PromptCache:
 
 
 def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=None,
-              after_step=None) -> list[float]:
-    """Plain AdamW SFT (cosine LR) on the fused log-prob path; returns per-step losses.
-    ``after_step(step, losses)``, if given, is called after every optimizer step."""
+              after_step=None, decay: bool = True) -> list[float]:
+    """Plain AdamW SFT (cosine LR, or constant with ``decay=False``) on the fused log-prob
+    path; returns per-step losses. ``after_step(step, losses)``, if given, is called after
+    every optimizer step."""
     log = log or logger.info
     FusedLMHead.install(model, backend="auto")
     torch.manual_seed(seed)
@@ -174,7 +198,8 @@ def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=Non
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / max(cfg.steps, 1))))
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / max(cfg.steps, 1)))
+        if decay else 1.0)
     order: list[int] = []
     losses = []
     prompts = PromptCache(processor)
@@ -201,6 +226,42 @@ def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=Non
             model.train()
     model.eval()
     return losses
+
+
+def train_cold_start(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=None,
+                     after_step=None) -> list[float]:
+    """``cfg.steps`` optimizer steps. With ``cfg.copy_warmup`` > 0 and generated pairs of
+    the ``cfg.copy_warmup_on`` kinds: first the copy warm-up, that share of the steps at a
+    constant LR on those pairs with a blank image and quote-only targets; then the cold
+    start proper on the examples plus the same pairs with a blank image and their full
+    judgments. Without the blank-image judgments in the mix, the image's colour took the
+    copy's place again, or the comparison with the stated fact never formed, in the seeds
+    probed (docs/training_runs.md). Returns the losses of both phases; ``after_step`` sees
+    one step count through both."""
+    log = log or logger.info
+    kinds = parse_kinds(cfg.copy_warmup_on)
+    warm = on_blank_image(examples, kinds, quote_only=True) if cfg.copy_warmup > 0 else []
+    if cfg.copy_warmup > 0 and not warm:
+        log("sft: no generated pairs to quote, so no copy warm-up")
+    n_warm = warmup_steps(cfg) if warm else 0
+    losses: list[float] = []
+    mix = list(examples)
+    if n_warm:
+        log(f"sft: copy warm-up, {n_warm} of {cfg.steps} steps on {len(warm)} blank-image examples")
+        # constant LR: the copy forms abruptly, a few hundred steps in
+        losses += train_sft(model, processor, warm, dataclasses.replace(cfg, steps=n_warm),
+                            seed=seed, log=log, after_step=after_step, decay=False)
+        mix += on_blank_image(examples, kinds)
+    hook = None if after_step is None else \
+        (lambda step, ls: after_step(n_warm + step, losses + ls))
+    return losses + train_sft(model, processor, mix,
+                              dataclasses.replace(cfg, steps=cfg.steps - n_warm), seed=seed,
+                              log=log, after_step=hook)
+
+
+def warmup_steps(cfg: SFTConfig) -> int:
+    """Steps of the copy warm-up out of ``cfg.steps`` (at least one is left for the rest)."""
+    return min(round(cfg.copy_warmup * cfg.steps), max(cfg.steps - 1, 0))
 
 
 def _file_digest(path: Path, h) -> None:
@@ -243,9 +304,9 @@ def cold_start(model_dir, examples, cfg: SFTConfig, seed: int = 0, log=None,
     def build(tmp: Path) -> None:
         t0 = time.time()
         model, processor = load_model_and_processor(model_dir)
-        losses = train_sft(model, processor, examples, cfg, seed=seed, log=log)
+        losses = train_cold_start(model, processor, examples, cfg, seed=seed, log=log)
         export_hf(model, processor, tmp)
-        info.update(key=key, base_model=str(model_dir), examples=len(examples), steps=cfg.steps,
+        info.update(key=key, base_model=str(model_dir), examples=len(examples), steps=len(losses),
                     first_loss=losses[0] if losses else None,
                     final_loss=losses[-1] if losses else None, seconds=time.time() - t0)
         (tmp / "sft_info.json").write_text(json.dumps(info, indent=2))  # written last: complete
@@ -273,12 +334,17 @@ def main(argv=None) -> None:
                    help="fraction of templated targets that guess without checking the image")
     p.add_argument("--guess-on", default=d.guess_on,
                    help='question kinds or shapes the careless teacher guesses on ("" = all)')
+    p.add_argument("--copy-warmup", type=float, default=d.copy_warmup,
+                   help="share of --steps spent first on the copy warm-up (0 = none)")
+    p.add_argument("--copy-warmup-on", default=d.copy_warmup_on,
+                   help='question kinds the copy warm-up quotes ("" = all)')
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     from r1reward.log import setup_logging
     setup_logging()
     cfg = SFTConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_examples=a.n_examples,
-                    guess_rate=a.guess_rate, guess_on=a.guess_on)
+                    guess_rate=a.guess_rate, guess_on=a.guess_on, copy_warmup=a.copy_warmup,
+                    copy_warmup_on=a.copy_warmup_on)
     if a.data:
         examples, skipped = load_sft_file(a.data)
         for s in skipped:
@@ -289,7 +355,7 @@ def main(argv=None) -> None:
         train_file, _ = generated_split(256, 64, 0, DEFAULT_KINDS)
         examples = examples_for(load_pairs(train_file, strict=True).pairs, cfg, a.seed)
     model, processor = load_model_and_processor(a.model)
-    losses = train_sft(model, processor, examples, cfg, seed=a.seed)
+    losses = train_cold_start(model, processor, examples, cfg, seed=a.seed)
     export_hf(model, processor, a.output)
     print(json.dumps({"output": a.output, "examples": len(examples), "first_loss": losses[0],
                       "final_loss": losses[-1]}))

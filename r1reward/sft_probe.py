@@ -2,10 +2,11 @@
 
 Runs the embedded default's cold-start SFT (generated pairs, templated analyses, the
 careless teacher as configured) and every ``--every`` steps judges a held-out slice
-greedily, each pair in both orders. Accuracy is reported overall, per question kind and
-per (kind, shape), with the share of judgments written in the careless teacher's style
-(no image check). The comparison of a response with the image forms late and abruptly,
-and at a different step per kind, machine and seed (docs/training_runs.md): this is the
+greedily, each pair in both orders (also at the end of the copy warm-up). Accuracy is
+reported overall, per question kind and per (kind, shape), with the share of judgments
+written in the careless teacher's style (no image check) and the share of response claims
+quoted right. The comparison of a response with the image forms late and abruptly, and at
+a different step per kind, machine and seed (docs/training_runs.md): this is the
 instrument for it.
 
 Writes ``probe.jsonl`` (one row per checkpoint) to ``--output`` and prints a table.
@@ -19,14 +20,15 @@ import time
 from pathlib import Path
 
 from r1reward.config import DataConfig, SFTConfig
-from r1reward.data import GUESS_MARK, KINDS, PreferencePair, generated_split, load_pairs
+from r1reward.data import GUESS_MARK, KINDS, PreferencePair, claims, generated_split, load_pairs, parse_kinds
 from r1reward.rewards import parse_answer
 
 
 def judge_groups(engine, pairs: list[PreferencePair], *, max_new_tokens: int = 80,
                  batch_size: int = 48) -> dict[str, dict]:
-    """Greedy judgments of ``pairs`` in both orders: accuracy and careless share per group
-    ("all", the kind, "kind/shape")."""
+    """Greedy judgments of ``pairs`` in both orders, per group ("all", the kind,
+    "kind/shape"): accuracy, careless share, and the share of response claims quoted
+    right ("Response k says <claim>")."""
     shown = list(pairs) + [p.swapped() for p in pairs]
     counts: dict[str, list[int]] = {}
     for i in range(0, len(shown), batch_size):
@@ -34,13 +36,16 @@ def judge_groups(engine, pairs: list[PreferencePair], *, max_new_tokens: int = 8
         gen = engine.generate(chunk, do_sample=False, max_new_tokens=max_new_tokens, num_samples=1)
         for p, text in zip(chunk, gen.texts):
             kind, shape = p.meta.get("kind", "?"), p.meta.get("shape", "?")
+            said = claims(p)
+            quoted = sum(f"Response {r} says {said[r]}" in text for r in (1, 2))
             for key in ("all", kind, f"{kind}/{shape}"):
-                c = counts.setdefault(key, [0, 0, 0])
+                c = counts.setdefault(key, [0, 0, 0, 0])
                 c[0] += parse_answer(text) == p.preferred
                 c[1] += GUESS_MARK in text
                 c[2] += 1
-    return {k: {"accuracy": c[0] / c[2], "careless": c[1] / c[2], "n": c[2]}
-            for k, c in sorted(counts.items())}
+                c[3] += quoted
+    return {k: {"accuracy": c[0] / c[2], "careless": c[1] / c[2], "quoted": c[3] / (2 * c[2]),
+                "n": c[2]} for k, c in sorted(counts.items())}
 
 
 def probe(out: Path, cfg: SFTConfig, *, every: int, kinds: tuple[str, ...], n_train: int,
@@ -63,8 +68,10 @@ def probe(out: Path, cfg: SFTConfig, *, every: int, kinds: tuple[str, ...], n_tr
     out.mkdir(parents=True, exist_ok=True)
     sink = open(out / "probe.jsonl", "w", encoding="utf-8")
 
+    ends = {sft.warmup_steps(cfg), cfg.steps}  # the warm-up's last step and the last
+
     def checkpoint(step: int, losses: list[float]) -> None:
-        if step % every and step != cfg.steps:
+        if step % every and step not in ends:
             return
         recent = losses[-every:]
         row = {"step": step, "loss": sum(recent) / len(recent), "seconds": time.time() - t0,
@@ -75,8 +82,8 @@ def probe(out: Path, cfg: SFTConfig, *, every: int, kinds: tuple[str, ...], n_tr
         log(table(rows) if len(rows) == 1 else table_row(row, columns(rows)))
 
     with sink:
-        sft.train_sft(model, processor, examples, cfg, seed=seed, log=lambda _: None,
-                      after_step=checkpoint)
+        sft.train_cold_start(model, processor, examples, cfg, seed=seed, log=lambda _: None,
+                             after_step=checkpoint)
     return rows
 
 
@@ -89,14 +96,15 @@ def columns(rows: list[dict]) -> list[str]:
 def table_row(row: dict, cols: list[str]) -> str:
     g = row["groups"]
     cells = [f"{g[c]['accuracy']:.3f}" for c in cols]
-    careless = g["all"]["careless"]
-    return f"| {row['step']} | {row['loss']:.4f} | " + " | ".join(cells) + f" | {careless:.3f} |"
+    careless, quoted = g["all"]["careless"], g["all"]["quoted"]
+    return (f"| {row['step']} | {row['loss']:.4f} | " + " | ".join(cells)
+            + f" | {careless:.3f} | {quoted:.3f} |")
 
 
 def table(rows: list[dict]) -> str:
     cols = columns(rows)
-    head = "| step | loss | " + " | ".join(cols) + " | careless |"
-    rule = "|" + "---|" * (len(cols) + 3)
+    head = "| step | loss | " + " | ".join(cols) + " | careless | quoted |"
+    rule = "|" + "---|" * (len(cols) + 4)
     return "\n".join([head, rule] + [table_row(r, cols) for r in rows])
 
 
@@ -110,6 +118,10 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--guess-rate", type=float, default=d.guess_rate)
     p.add_argument("--guess-on", default=d.guess_on)
+    p.add_argument("--copy-warmup", type=float, default=d.copy_warmup,
+                   help="share of --steps spent first on the copy warm-up (0 = none)")
+    p.add_argument("--copy-warmup-on", default=d.copy_warmup_on,
+                   help='question kinds the copy warm-up quotes ("" = all)')
     p.add_argument("--kinds", default=dd.kinds, help="question kinds of the generated set")
     p.add_argument("--n-train", type=int, default=dd.n_train)
     p.add_argument("--n-heldout", type=int, default=96, help="held-out pairs judged per reading")
@@ -120,14 +132,17 @@ def main(argv=None) -> None:
         p.error(f"--output {a.output}: probe.jsonl exists (an earlier probe); pass --overwrite "
                 "to replace it, or choose another directory")
     kinds = tuple(k.strip() for k in a.kinds.split(",") if k.strip())
-    for name, ok in (("--steps", a.steps >= 1), ("--every", a.every >= 1),
+    for name, ok in (("--steps", a.steps >= 1), ("--copy-warmup", 0 <= a.copy_warmup < 1),
+                     ("--every", a.every >= 1),
                      ("--n-heldout", a.n_heldout >= 1), ("--n-train", a.n_train >= 1),
                      ("--guess-rate", 0 <= a.guess_rate <= 1), ("--lr", a.lr > 0),
-                     ("--kinds", bool(kinds) and all(k in KINDS for k in kinds))):
+                     ("--kinds", bool(kinds) and all(k in KINDS for k in kinds)),
+                     ("--copy-warmup-on", set(parse_kinds(a.copy_warmup_on)) <= set(KINDS))):
         if not ok:
             p.error(f"{name}: invalid value")
     cfg = SFTConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, guess_rate=a.guess_rate,
-                    guess_on=a.guess_on)
+                    guess_on=a.guess_on, copy_warmup=a.copy_warmup,
+                    copy_warmup_on=a.copy_warmup_on)
     rows = probe(Path(a.output), cfg, every=a.every, kinds=kinds, n_train=a.n_train,
                  n_heldout=a.n_heldout, seed=a.seed)
     print(table(rows))

@@ -1,5 +1,6 @@
 """Cold-start SFT: it learns the format targets, its result is cached, bad SFT files are
 reported by line and field."""
+import dataclasses
 import json
 import time
 
@@ -115,3 +116,64 @@ def test_prompt_cache_collates_what_the_processor_does(pairs, tiny_dir):
         widths.add(tuple(want["attention_mask"].sum(1).tolist()))
     assert any(len(set(w)) > 1 for w in widths)  # some batch really was padded
     assert len(cache.single) <= len(shown)
+
+
+def test_blank_image_examples_quote_each_claim_or_keep_the_judgment(pairs):
+    from PIL import Image
+
+    from r1reward.data import PreferencePair, claims
+    from r1reward.sft import on_blank_image
+    ex = templated_examples(pairs[0], 6, seed=0)
+    release = PreferencePair("r", pairs[0][0].image, "q", "a", "b", 1)  # no generated meta
+    warm = on_blank_image(ex + [(release, "<think>x</think><answer>1</answer>")], quote_only=True)
+    assert len(warm) == 6  # the release-format pair has no claim to quote
+    for (p, _), (w, target) in zip(ex, warm):
+        said = claims(p)
+        assert target == f"<think>Response 1 says {said[1]}. Response 2 says {said[2]}.</think>"
+        assert said[1] != said[2] and (w.response_1, w.response_2) == (p.response_1, p.response_2)
+        assert w.image != p.image
+        assert Image.open(w.image).convert("RGB").getextrema() == ((255, 255),) * 3
+    full = on_blank_image(ex)
+    assert [t for _, t in full] == [t for _, t in ex] and {w.image for w, _ in full} == {warm[0][0].image}
+    colour = on_blank_image(ex, ("color",), quote_only=True)
+    assert colour and {w.meta["kind"] for w, _ in colour} == {"color"} and len(colour) < len(warm)
+    # the preferred response claims the image's truth, whichever order it is shown in
+    for p, _ in ex:
+        assert p.meta["truth"] in claims(p)[p.preferred]
+        assert p.meta["wrong"] in claims(p)[3 - p.preferred]
+
+
+@pytest.mark.parametrize("share,steps,warm", [(0.4, 10, 4), (0.0, 10, 0), (0.5, 1, 0), (0.9, 2, 1)])
+def test_the_warmup_takes_its_share_of_the_steps(share, steps, warm):
+    from r1reward.sft import warmup_steps
+    assert warmup_steps(SFTConfig(steps=steps, copy_warmup=share)) == warm
+
+
+def test_cold_start_runs_the_warmup_then_the_judgments(pairs, tiny_dir, monkeypatch):
+    from r1reward import sft
+    from r1reward.model import load_model_and_processor
+    seen = []
+    real = sft.train_sft
+
+    def spy(model, processor, examples, cfg, **kw):
+        seen.append(([t for _, t in examples], cfg.steps))
+        return real(model, processor, examples, cfg, **kw)
+
+    monkeypatch.setattr(sft, "train_sft", spy)
+    model, processor = load_model_and_processor(tiny_dir)
+    ex = templated_examples(pairs[0], 4, seed=0)
+    steps = []
+    cfg = SFTConfig(steps=5, batch_size=2, copy_warmup=0.4, copy_warmup_on="")
+    losses = sft.train_cold_start(model, processor, ex, cfg,
+                                  after_step=lambda s, ls: steps.append((s, len(ls))))
+    assert [n for _, n in seen] == [2, 3] and len(losses) == 5
+    warm, rest = seen[0][0], seen[1][0]
+    assert warm and all("<answer>" not in t for t in warm)
+    # then every judgment, plus those of the warm-up's pairs again (on the blank image)
+    assert rest == [t for _, t in ex] * 2
+    assert steps == [(s, s) for s in range(1, 6)]  # one count through both phases
+    # release-format pairs: nothing to quote, every step is the cold start proper
+    seen.clear()
+    bare = [(dataclasses.replace(p, meta={}), t) for p, t in ex]
+    assert len(sft.train_cold_start(model, processor, bare, cfg, log=lambda _: None)) == 5
+    assert [n for _, n in seen] == [5]

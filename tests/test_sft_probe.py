@@ -4,19 +4,23 @@ from types import SimpleNamespace
 import pytest
 
 from r1reward import sft_probe
-from r1reward.data import GUESS_MARK, PreferencePair
+from r1reward.data import GUESS_MARK, PreferencePair, claims
 
 
 class Scripted:
-    """An engine that answers from a fixed rule: right on circles, careless and "1" otherwise."""
+    """An engine that answers from a fixed rule: right on circles, quoting both claims;
+    careless and "1" otherwise, quoting Response 2's claim for both."""
 
     def generate(self, pairs, *, do_sample, max_new_tokens, num_samples=1, **kw):
         texts = []
         for p in pairs:
+            said = claims(p)
             if p.meta["shape"] == "circle":
-                texts.append(f"<think>x</think><answer>{p.preferred}</answer>")
+                texts.append(f"<think>Response 1 says {said[1]}. Response 2 says {said[2]}."
+                             f"</think><answer>{p.preferred}</answer>")
             else:
-                texts.append(f"<think>{GUESS_MARK}, so 1.</think><answer>1</answer>")
+                texts.append(f"<think>Response 1 says {said[2]} and Response 2 says {said[2]}. "
+                             f"{GUESS_MARK}, so 1.</think><answer>1</answer>")
         return SimpleNamespace(texts=texts)
 
 
@@ -25,27 +29,35 @@ def _pair(i, shape, kind, preferred):
                           {"kind": kind, "shape": shape, "truth": "t", "wrong": "w"})
 
 
-def test_judge_groups_counts_accuracy_and_careless_share_per_group():
+def test_judge_groups_counts_accuracy_careless_and_quoted_share_per_group():
     pairs = [_pair(0, "circle", "color", 1), _pair(1, "square", "color", 2),
              _pair(2, "square", "shape", 1)]
     g = sft_probe.judge_groups(Scripted(), pairs, batch_size=2)
     assert g["all"]["n"] == 6  # both orders
-    assert g["color/circle"] == {"accuracy": 1.0, "careless": 0.0, "n": 2}
-    # a constant "1" is right in exactly one of the two orders
-    assert g["color/square"] == {"accuracy": 0.5, "careless": 1.0, "n": 2}
+    assert g["color/circle"] == {"accuracy": 1.0, "careless": 0.0, "quoted": 1.0, "n": 2}
+    # a constant "1" is right in exactly one of the two orders; one claim of two quoted right
+    assert g["color/square"] == {"accuracy": 0.5, "careless": 1.0, "quoted": 0.5, "n": 2}
     assert g["color"]["accuracy"] == 0.75 and g["shape"]["careless"] == 1.0
     assert g["all"]["accuracy"] == pytest.approx(4 / 6)
 
 
 def test_probe_writes_a_row_per_reading(tiny_dir, tmp_path, capsys):
-    sft_probe.main(["--output", str(tmp_path), "--steps", "3", "--every", "2", "--n-train", "8",
-                    "--n-heldout", "2", "--kinds", "color,shape"])
+    sft_probe.main(["--output", str(tmp_path), "--steps", "3", "--copy-warmup", "0", "--every", "2",
+                    "--n-train", "8", "--n-heldout", "2", "--kinds", "color,shape"])
     rows = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 3]  # every 2 steps and the last
     for r in rows:
         assert r["groups"]["all"]["n"] == 4 and 0 <= r["groups"]["all"]["accuracy"] <= 1
         assert r["loss"] > 0
     assert "| step | loss | all |" in capsys.readouterr().out
+
+
+def test_probe_reads_at_the_end_of_the_copy_warmup(tiny_dir, tmp_path):
+    sft_probe.main(["--output", str(tmp_path), "--steps", "5", "--every", "4", "--n-train", "8",
+                    "--n-heldout", "2", "--kinds", "color", "--copy-warmup", "0.4"])
+    rows = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 5]  # the warm-up's last step (2 of 5) too
+    assert all(0 <= r["groups"]["all"]["quoted"] <= 1 for r in rows)
 
 
 def test_an_earlier_probe_is_not_overwritten_by_default(tmp_path, capsys):
@@ -57,7 +69,8 @@ def test_an_earlier_probe_is_not_overwritten_by_default(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag,value", [("--every", "0"), ("--kinds", "smell"),
-                                        ("--guess-rate", "2")])
+                                        ("--guess-rate", "2"), ("--copy-warmup", "1"),
+                                        ("--copy-warmup-on", "smell")])
 def test_bad_flags_are_refused_by_name(tmp_path, flag, value, capsys):
     with pytest.raises(SystemExit):
         sft_probe.main(["--output", str(tmp_path), flag, value])

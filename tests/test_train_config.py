@@ -52,6 +52,8 @@ BAD_SETTINGS = [
     (["--algo.clip_eps", "1.5"], "--algo.clip_eps", "[0, 1)"),
     (["--algo.train_batch_size", "5"], "--algo.train_batch_size", "divide"),
     (["--sft.guess_rate", "2"], "--sft.guess_rate", "[0, 1]"),
+    (["--sft.copy_warmup", "1"], "--sft.copy_warmup", "[0, 1)"),
+    (["--sft.copy_warmup_on", "smell"], "--sft.copy_warmup_on", "subset"),
     (["--data.kinds", "smell"], "--data.kinds", "subset"),
     (["--model", "/no/such/dir"], "--model", "config.json"),
     (["--data", "/no/such.jsonl"], "--data", "not a file"),

@@ -118,9 +118,10 @@ def _train(out, cache, *extra):
     env = {**os.environ, "R1REWARD_CACHE": str(cache), "OMP_NUM_THREADS": "2"}
     cmd = [sys.executable, "-m", "r1reward.train", "--rollout.engine", "vllm", "--output", str(out),
            "--steps", "3", "--no-progress", "--data.n_train", "64", "--data.n_heldout", "2",
-           # a short cold start: some judgments end in the format, so rewards differ and
-           # the policy moves
-           "--sft.steps", "80", "--sft.n_examples", "64", "--rollout.batch_size", "8",
+           # a short cold start (all judgments, no copy warm-up): some end in the format,
+           # so rewards differ and the policy moves
+           "--sft.steps", "80", "--sft.copy_warmup", "0", "--sft.n_examples", "64",
+           "--rollout.batch_size", "8",
            "--algo.train_batch_size", "4", "--rollout.max_new_tokens", "80",
            "--eval.max_new_tokens", "10", "--optim.lr", "3e-3",
            "--checkpoint.interval", "1", "--rollout.vllm_kv_cache_gb", "0.25",
@@ -164,8 +165,10 @@ def test_two_fsdp_ranks_each_with_an_engine_stay_in_sync(tmp_path, vllm_tiny):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "r1reward.train", "--fsdp", "--rollout.engine", "vllm", "--output", str(out),
            "--steps", "2", "--no-progress", "--data.n_train", "64", "--data.n_heldout", "2",
-           # a short cold start: some judgments end in the format, so rewards differ
-           "--sft.steps", "80", "--sft.n_examples", "64", "--rollout.batch_size", "8",
+           # a short cold start (all judgments, no copy warm-up): some end in the format,
+           # so rewards differ
+           "--sft.steps", "80", "--sft.copy_warmup", "0", "--sft.n_examples", "64",
+           "--rollout.batch_size", "8",
            "--algo.train_batch_size", "4", "--rollout.max_new_tokens", "80",
            "--eval.max_new_tokens", "8", "--rollout.vllm_kv_cache_gb", "0.25",
            "--rollout.vllm_max_model_len", "2048", "--optim.lr", "3e-3"]
