@@ -307,6 +307,14 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 
+# The generated set's question kinds (r1reward.data.KINDS; config stays free of data's imports).
+KNOWN_KINDS = ("color", "shape", "count", "position")
+
+
+def _known_kinds(spec: str) -> bool:
+    return all(k.strip() in KNOWN_KINDS for k in spec.split(",") if k.strip())
+
+
 def validate(cfg: JobConfig) -> JobConfig:
     """Refuse every setting that cannot work, before any work starts (ConfigError)."""
     from r1reward import registry as R
@@ -401,10 +409,8 @@ def validate(cfg: JobConfig) -> JobConfig:
     need(s.n_examples >= 0, "sft.n_examples", "must be >= 0 (0 = every training pair)")
     need(0 <= s.copy_warmup < 1, "sft.copy_warmup",
          "must be in [0, 1): the share of sft.steps spent on the copy warm-up")
-    warm_on = [k.strip() for k in s.copy_warmup_on.split(",") if k.strip()]
-    need(all(k in ("color", "shape", "count", "position") for k in warm_on), "sft.copy_warmup_on",
-         f"{s.copy_warmup_on!r}: a comma-separated subset of color,shape,count,position "
-         "(\"\" = all)")
+    need(_known_kinds(s.copy_warmup_on), "sft.copy_warmup_on",
+         f"{s.copy_warmup_on!r}: a comma-separated subset of {','.join(KNOWN_KINDS)} (\"\" = all)")
     need(s.teacher in ("templated", "distill"), "sft.teacher",
          f"{s.teacher!r}; choose from templated|distill")
     need(s.teacher_k >= 1, "sft.teacher_k", "must be >= 1")
@@ -412,9 +418,8 @@ def validate(cfg: JobConfig) -> JobConfig:
     path("sft.data", s.data)
     need(dt.n_train >= 1 and dt.n_heldout >= 0, "data.n_train/n_heldout",
          "need n_train >= 1, n_heldout >= 0")
-    kinds = [k.strip() for k in dt.kinds.split(",") if k.strip()]
-    need(bool(kinds) and all(k in ("color", "shape", "count", "position") for k in kinds),
-         "data.kinds", f"{dt.kinds!r}: a comma-separated subset of color,shape,count,position")
+    need(any(k.strip() for k in dt.kinds.split(",")) and _known_kinds(dt.kinds),
+         "data.kinds", f"{dt.kinds!r}: a comma-separated subset of {','.join(KNOWN_KINDS)}")
     path("data", dt.train)
     path("data.heldout", dt.heldout)
     path("model", cfg.model.path, is_dir=True, inside="config.json")

@@ -131,7 +131,7 @@ def main(argv=None) -> None:
     if (Path(a.output) / "probe.jsonl").exists() and not a.overwrite:
         p.error(f"--output {a.output}: probe.jsonl exists (an earlier probe); pass --overwrite "
                 "to replace it, or choose another directory")
-    kinds = tuple(k.strip() for k in a.kinds.split(",") if k.strip())
+    kinds = parse_kinds(a.kinds)
     for name, ok in (("--steps", a.steps >= 1), ("--copy-warmup", 0 <= a.copy_warmup < 1),
                      ("--every", a.every >= 1),
                      ("--n-heldout", a.n_heldout >= 1), ("--n-train", a.n_train >= 1),

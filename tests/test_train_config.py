@@ -162,3 +162,9 @@ def test_the_tiny_default_is_off_policy_and_a_non_dividing_preset_value_says_whe
         resolve({"rollout.batch_size": 8})
     with pytest.raises(ConfigError, match="--algo.train_batch_size: 3 must divide"):
         resolve({"algo.train_batch_size": 3})
+
+
+def test_config_knows_the_generated_sets_kinds():
+    from r1reward.config import KNOWN_KINDS
+    from r1reward.data import KINDS
+    assert KNOWN_KINDS == KINDS
