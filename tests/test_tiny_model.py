@@ -143,3 +143,37 @@ def test_tiny_does_not_import_model():
     import sys
     code = "import sys, r1reward.tiny; assert 'r1reward.model' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_patch_embedding_as_one_gemm_matches_the_conv3d(tiny_dir):
+    """load_model_and_processor runs the patch embedding as a GEMM: same values and
+    gradients as HF's Conv3d forward, same parameter names, the Qwen2-VL class too."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
+
+    from r1reward.model import linear_patch_embed
+
+    model, _ = load_model_and_processor(tiny_dir)
+    embed = model.model.visual.patch_embed
+    assert "forward" in vars(embed)  # switched on this instance
+    names = [n for n, _ in model.named_parameters()]
+    assert "model.visual.patch_embed.proj.weight" in names
+    embed.double()  # float64: the two paths sum in different orders
+    torch.manual_seed(0)
+    x = torch.randn(37, 3 * 2 * 14 * 14, dtype=torch.float64, requires_grad=True)
+    ours = embed(x)
+    ours.square().sum().backward()
+    g_ours, gw_ours = x.grad.clone(), embed.proj.weight.grad.clone()
+    x.grad, embed.proj.weight.grad = None, None
+    conv = type(embed).forward(embed, x)  # the class's own Conv3d forward
+    conv.square().sum().backward()
+    torch.testing.assert_close(ours, conv, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, g_ours, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(embed.proj.weight.grad, gw_ours, rtol=1e-12, atol=1e-12)
+
+    qwen2 = torch.nn.Sequential(PatchEmbed(patch_size=14, temporal_patch_size=2, in_channels=3,
+                                           embed_dim=16))
+    y = torch.randn(5, 3 * 2 * 14 * 14)
+    want = qwen2[0](y)
+    assert linear_patch_embed(qwen2) == 1
+    torch.testing.assert_close(qwen2[0](y), want, rtol=1e-5, atol=1e-5)
+    assert linear_patch_embed(torch.nn.Sequential(torch.nn.Conv3d(3, 4, 2))) == 0
