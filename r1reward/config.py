@@ -56,6 +56,9 @@ class SFTConfig:
     # Question kinds the warm-up uses ("" = all). Colour alone: the copy formed in 250-375
     # steps from colour pairs, in 700 to over 1200 with the shape pairs mixed in.
     copy_warmup_on: str = "color"
+    # Question kinds whose full judgments join the rest of the cold start a second time,
+    # on a blank image, when there is a warm-up ("" = all kinds).
+    blank_judge_on: str = "color"
     # Fraction of templated targets written by a careless teacher that guesses without
     # checking the image (r1reward.data.guessed_analysis); 0 = every target is careful.
     # The embedded default has it guess on 70 % of the triangle pairs, so the cold start
@@ -409,8 +412,10 @@ def validate(cfg: JobConfig) -> JobConfig:
     need(s.n_examples >= 0, "sft.n_examples", "must be >= 0 (0 = every training pair)")
     need(0 <= s.copy_warmup < 1, "sft.copy_warmup",
          "must be in [0, 1): the share of sft.steps spent on the copy warm-up")
-    need(_known_kinds(s.copy_warmup_on), "sft.copy_warmup_on",
-         f"{s.copy_warmup_on!r}: a comma-separated subset of {','.join(KNOWN_KINDS)} (\"\" = all)")
+    for name in ("copy_warmup_on", "blank_judge_on"):
+        value = getattr(s, name)
+        need(_known_kinds(value), f"sft.{name}",
+             f"{value!r}: a comma-separated subset of {','.join(KNOWN_KINDS)} (\"\" = all)")
     need(s.teacher in ("templated", "distill"), "sft.teacher",
          f"{s.teacher!r}; choose from templated|distill")
     need(s.teacher_k >= 1, "sft.teacher_k", "must be >= 1")

@@ -233,8 +233,8 @@ def train_cold_start(model, processor, examples, cfg: SFTConfig, seed: int = 0, 
     """``cfg.steps`` optimizer steps. With ``cfg.copy_warmup`` > 0 and generated pairs of
     the ``cfg.copy_warmup_on`` kinds: first the copy warm-up, that share of the steps at a
     constant LR on those pairs with a blank image and quote-only targets; then the cold
-    start proper on the examples plus the same pairs with a blank image and their full
-    judgments. Without the blank-image judgments in the mix, the image's colour took the
+    start proper on the examples plus the pairs of the ``cfg.blank_judge_on`` kinds with a
+    blank image and their full judgments. Without the blank-image judgments in the mix, the image's colour took the
     copy's place again, or the comparison with the stated fact never formed, in the seeds
     probed (docs/training_runs.md). Returns the losses of both phases; ``after_step`` sees
     one step count through both."""
@@ -251,7 +251,7 @@ def train_cold_start(model, processor, examples, cfg: SFTConfig, seed: int = 0, 
         # constant LR: the copy forms abruptly, a few hundred steps in
         losses += train_sft(model, processor, warm, dataclasses.replace(cfg, steps=n_warm),
                             seed=seed, log=log, after_step=after_step, decay=False)
-        mix += on_blank_image(examples, kinds)
+        mix += on_blank_image(examples, parse_kinds(cfg.blank_judge_on))
     hook = None if after_step is None else \
         (lambda step, ls: after_step(n_warm + step, losses + ls))
     return losses + train_sft(model, processor, mix,

@@ -163,7 +163,7 @@ def test_cold_start_runs_the_warmup_then_the_judgments(pairs, tiny_dir, monkeypa
     model, processor = load_model_and_processor(tiny_dir)
     ex = templated_examples(pairs[0], 4, seed=0)
     steps = []
-    cfg = SFTConfig(steps=5, batch_size=2, copy_warmup=0.4, copy_warmup_on="")
+    cfg = SFTConfig(steps=5, batch_size=2, copy_warmup=0.4, copy_warmup_on="", blank_judge_on="")
     losses = sft.train_cold_start(model, processor, ex, cfg,
                                   after_step=lambda s, ls: steps.append((s, len(ls))))
     assert [n for _, n in seen] == [2, 3] and len(losses) == 5
@@ -172,6 +172,14 @@ def test_cold_start_runs_the_warmup_then_the_judgments(pairs, tiny_dir, monkeypa
     # then every judgment, plus those of the warm-up's pairs again (on the blank image)
     assert rest == [t for _, t in ex] * 2
     assert steps == [(s, s) for s in range(1, 6)]  # one count through both phases
+    # blank_judge_on picks the kinds whose judgments come back on the blank image
+    kinds = {p.meta["kind"] for p, _ in ex}
+    assert len(kinds) > 1
+    for only in sorted(kinds):
+        seen.clear()
+        sft.train_cold_start(model, processor, ex, dataclasses.replace(cfg, blank_judge_on=only),
+                             log=lambda _: None)
+        assert seen[1][0] == [t for _, t in ex] + [t for p, t in ex if p.meta["kind"] == only]
     # release-format pairs: nothing to quote, every step is the cold start proper
     seen.clear()
     bare = [(dataclasses.replace(p, meta={}), t) for p, t in ex]
