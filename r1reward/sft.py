@@ -234,10 +234,10 @@ def train_cold_start(model, processor, examples, cfg: SFTConfig, seed: int = 0, 
     the ``cfg.copy_warmup_on`` kinds: first the copy warm-up, that share of the steps at a
     constant LR on those pairs with a blank image and quote-only targets; then the cold
     start proper on the examples plus the pairs of the ``cfg.blank_judge_on`` kinds with a
-    blank image and their full judgments. Without the blank-image judgments in the mix, the image's colour took the
-    copy's place again, or the comparison with the stated fact never formed, in the seeds
-    probed (docs/training_runs.md). Returns the losses of both phases; ``after_step`` sees
-    one step count through both."""
+    blank image and their full judgments. Without the blank-image judgments in the mix,
+    the image's colour took the copy's place again, or the comparison with the stated fact
+    never formed, in the seeds probed (docs/training_runs.md). Returns the losses of both
+    phases; ``after_step`` sees one step count through both."""
     log = log or logger.info
     kinds = parse_kinds(cfg.copy_warmup_on)
     warm = on_blank_image(examples, kinds, quote_only=True) if cfg.copy_warmup > 0 else []
