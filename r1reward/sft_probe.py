@@ -122,6 +122,8 @@ def main(argv=None) -> None:
                    help="share of --steps spent first on the copy warm-up (0 = none)")
     p.add_argument("--copy-warmup-on", default=d.copy_warmup_on,
                    help='question kinds the copy warm-up quotes ("" = all)')
+    p.add_argument("--blank-judge-on", default=d.blank_judge_on,
+                   help='question kinds whose judgments join the mix again on a blank image ("" = all)')
     p.add_argument("--kinds", default=dd.kinds, help="question kinds of the generated set")
     p.add_argument("--n-train", type=int, default=dd.n_train)
     p.add_argument("--n-heldout", type=int, default=96, help="held-out pairs judged per reading")
@@ -137,12 +139,13 @@ def main(argv=None) -> None:
                      ("--n-heldout", a.n_heldout >= 1), ("--n-train", a.n_train >= 1),
                      ("--guess-rate", 0 <= a.guess_rate <= 1), ("--lr", a.lr > 0),
                      ("--kinds", bool(kinds) and all(k in KINDS for k in kinds)),
-                     ("--copy-warmup-on", set(parse_kinds(a.copy_warmup_on)) <= set(KINDS))):
+                     ("--copy-warmup-on", set(parse_kinds(a.copy_warmup_on)) <= set(KINDS)),
+                     ("--blank-judge-on", set(parse_kinds(a.blank_judge_on)) <= set(KINDS))):
         if not ok:
             p.error(f"{name}: invalid value")
     cfg = SFTConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, guess_rate=a.guess_rate,
                     guess_on=a.guess_on, copy_warmup=a.copy_warmup,
-                    copy_warmup_on=a.copy_warmup_on)
+                    copy_warmup_on=a.copy_warmup_on, blank_judge_on=a.blank_judge_on)
     rows = probe(Path(a.output), cfg, every=a.every, kinds=kinds, n_train=a.n_train,
                  n_heldout=a.n_heldout, seed=a.seed)
     print(table(rows))

@@ -169,7 +169,7 @@ def test_cold_start_runs_the_warmup_then_the_judgments(pairs, tiny_dir, monkeypa
     assert [n for _, n in seen] == [2, 3] and len(losses) == 5
     warm, rest = seen[0][0], seen[1][0]
     assert warm and all("<answer>" not in t for t in warm)
-    # then every judgment, plus those of the warm-up's pairs again (on the blank image)
+    # then every judgment, plus every judgment again on the blank image (blank_judge_on "")
     assert rest == [t for _, t in ex] * 2
     assert steps == [(s, s) for s in range(1, 6)]  # one count through both phases
     # blank_judge_on picks the kinds whose judgments come back on the blank image

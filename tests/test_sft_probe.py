@@ -70,8 +70,25 @@ def test_an_earlier_probe_is_not_overwritten_by_default(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag,value", [("--every", "0"), ("--kinds", "smell"),
                                         ("--guess-rate", "2"), ("--copy-warmup", "1"),
-                                        ("--copy-warmup-on", "smell")])
+                                        ("--copy-warmup-on", "smell"), ("--blank-judge-on", "smell")])
 def test_bad_flags_are_refused_by_name(tmp_path, flag, value, capsys):
     with pytest.raises(SystemExit):
         sft_probe.main(["--output", str(tmp_path), flag, value])
     assert flag in capsys.readouterr().err
+
+
+def test_the_cold_start_flags_reach_the_config(tmp_path, monkeypatch):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_probe(out, cfg, **kw):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(sft_probe, "probe", fake_probe)
+    with pytest.raises(Stop):
+        sft_probe.main(["--output", str(tmp_path), "--copy-warmup-on", "shape",
+                        "--blank-judge-on", "color,shape"])
+    assert (seen["cfg"].copy_warmup_on, seen["cfg"].blank_judge_on) == ("shape", "color,shape")
