@@ -50,8 +50,8 @@ class SFTConfig:
     # pairs of the copy_warmup_on kinds shown with a blank image and a target that only
     # quotes each response's claim, so the model learns to read a claim from the right
     # response before the image's colour can stand in for it; the rest of the cold start
-    # keeps the blank_judge_on pairs, blank image and full judgment, in the mix. Without it the tiny
-    # model's colour comparison never formed on one box (docs/training_runs.md).
+    # keeps the blank_judge_on pairs, blank image and full judgment, in the mix. Without
+    # it the tiny model's colour comparison never formed on one box (docs/training_runs.md).
     copy_warmup: float = 0.17
     # Question kinds the warm-up uses ("" = all). Colour alone: the copy formed in 250-375
     # steps from colour pairs, in 700 to over 1200 with the shape pairs mixed in.

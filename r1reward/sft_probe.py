@@ -134,13 +134,17 @@ def main(argv=None) -> None:
         p.error(f"--output {a.output}: probe.jsonl exists (an earlier probe); pass --overwrite "
                 "to replace it, or choose another directory")
     kinds = parse_kinds(a.kinds)
+
+    def known(spec: str) -> bool:
+        return set(parse_kinds(spec)) <= set(KINDS)
+
     for name, ok in (("--steps", a.steps >= 1), ("--copy-warmup", 0 <= a.copy_warmup < 1),
                      ("--every", a.every >= 1),
                      ("--n-heldout", a.n_heldout >= 1), ("--n-train", a.n_train >= 1),
                      ("--guess-rate", 0 <= a.guess_rate <= 1), ("--lr", a.lr > 0),
-                     ("--kinds", bool(kinds) and all(k in KINDS for k in kinds)),
-                     ("--copy-warmup-on", set(parse_kinds(a.copy_warmup_on)) <= set(KINDS)),
-                     ("--blank-judge-on", set(parse_kinds(a.blank_judge_on)) <= set(KINDS))):
+                     ("--kinds", bool(kinds) and known(a.kinds)),
+                     ("--copy-warmup-on", known(a.copy_warmup_on)),
+                     ("--blank-judge-on", known(a.blank_judge_on))):
         if not ok:
             p.error(f"{name}: invalid value")
     cfg = SFTConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, guess_rate=a.guess_rate,
