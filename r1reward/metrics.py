@@ -76,10 +76,13 @@ class MetricsLogger:
 
 
 def plot_training_curves(run_dir: str | Path, before: float | None = None,
-                         after: float | None = None) -> Path | None:
+                         after: float | None = None, before_by_kind: dict | None = None,
+                         after_by_kind: dict | None = None) -> Path | None:
     """``<run_dir>/curves.png``: reward, rollout accuracy and answer-"1" rate per RL step
     (with a running mean), and held-out accuracy before RL, every ``--eval.every`` steps
-    and after RL. Returns the path, or None when there is nothing to draw."""
+    and after RL, in all and per question kind (``heldout_accuracy/<kind>`` in the rows;
+    the ``*_by_kind`` dicts hold the first and last points). Returns the path, or None
+    when there is nothing to draw."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
@@ -108,13 +111,22 @@ def plot_training_curves(run_dir: str | Path, before: float | None = None,
     ax_r.legend(fontsize=8)
     ax_a.plot(steps, running_mean("accuracy"), color="C1", label="rollout accuracy (mean of 10)")
     ax_a.plot(steps, running_mean("answer1_rate"), color="C2", ls=":", label='answer-"1" rate')
-    held = [(0, before)] + [(r["step"], r["heldout_accuracy"]) for r in rows
-                            if isinstance(r.get("heldout_accuracy"), (int, float))]
-    if after is not None:
-        held.append((steps[-1], after))
-    held = [(s, a) for s, a in held if isinstance(a, (int, float))]
+    def held_curve(key, first, last):
+        held = [(0, first)] + [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if last is not None:
+            held.append((steps[-1], last))
+        return [(s, a) for s, a in held if isinstance(a, (int, float))]
+
+    held = held_curve("heldout_accuracy", before, after)
     if held:
         ax_a.plot(*zip(*held), "ko-", ms=4, label="held-out accuracy (greedy)")
+    kinds = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("heldout_accuracy/")}
+                   | {k for k in {**(before_by_kind or {}), **(after_by_kind or {})} if "/" not in k})
+    for i, kind in enumerate(kinds):
+        curve = held_curve(f"heldout_accuracy/{kind}", (before_by_kind or {}).get(kind),
+                           (after_by_kind or {}).get(kind))
+        if curve:
+            ax_a.plot(*zip(*curve), "o--", color=f"C{3 + i}", ms=3, lw=1, label=f"held-out: {kind}")
     ax_a.set_xlabel("RL step")
     ax_a.set_ylim(-0.02, 1.02)
     ax_a.legend(fontsize=8)

@@ -62,19 +62,32 @@ def collect(engine: RolloutEngine, pairs: list[PreferencePair], *, temperature: 
     return Rollout(shown, batch, list(gen.texts), pref, images, n_samples, sampler_logp)
 
 
+def eval_groups(pair: PreferencePair) -> tuple[str, ...]:
+    """The groups a held-out pair counts in beyond the whole set: its question kind and
+    (kind, shape) for generated pairs, none for release data."""
+    kind, shape = pair.meta.get("kind"), pair.meta.get("shape")
+    return (kind, f"{kind}/{shape}") if kind and shape else ()
+
+
 @torch.no_grad()
 def evaluate(engine: RolloutEngine, pairs: list[PreferencePair], *, batch_size: int,
              max_new_tokens: int, both_orders: bool = True) -> dict:
-    """Greedy held-out accuracy, each pair shown in both orders (position bias cancels).
+    """Greedy held-out accuracy, each pair shown in both orders (position bias cancels);
+    ``by_group`` is the accuracy per question kind and per (kind, shape) of generated
+    pairs: each comparison forms separately in the cold start, so the total can hide
+    which one did.
 
     Under torchrun each rank takes a strided share; counts are all-reduced, so every rank
     returns the global figures.
     """
     shown = list(pairs) + ([p.swapped() for p in pairs] if both_orders else [])
+    groups = sorted({g for p in shown for g in eval_groups(p)})
+    slot = {g: i for i, g in enumerate(groups)}
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine = shown[rank::world]
     counts = torch.zeros(4, dtype=torch.float64)  # correct, formatted, answered "1", total
+    per_group = torch.zeros(len(groups), 2, dtype=torch.float64)  # correct, total
     n_batches = -(-len(shown) // (batch_size * world))  # every rank runs as many batches
     for b in range(n_batches):
         chunk = mine[b * batch_size:(b + 1) * batch_size] or mine[:1] or shown[:1]
@@ -84,8 +97,12 @@ def evaluate(engine: RolloutEngine, pairs: list[PreferencePair], *, batch_size: 
             a = parse_answer(t)
             counts += torch.tensor([float(a == p.preferred), format_reward(t), float(a == 1), 1.0],
                                    dtype=torch.float64)
+            for g in eval_groups(p):
+                per_group[slot[g]] += torch.tensor([float(a == p.preferred), 1.0], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(counts)
+        dist.all_reduce(per_group)
     n = max(counts[3].item(), 1.0)
     return {"accuracy": counts[0].item() / n, "format_rate": counts[1].item() / n,
-            "answer1_rate": counts[2].item() / n, "n": int(counts[3].item())}
+            "answer1_rate": counts[2].item() / n, "n": int(counts[3].item()),
+            "by_group": {g: per_group[i, 0].item() / per_group[i, 1].item() for g, i in slot.items()}}

@@ -568,6 +568,7 @@ class Trainer:
             if r["accuracy"] is not None:
                 row["heldout_accuracy"] = r["accuracy"]
                 row["heldout_answer1_rate"] = r["answer1_rate"]
+                row.update({f"heldout_accuracy/{g}": a for g, a in r["by_group"].items() if "/" not in g})
         row = self.metrics.log(step, row)
         if self.bar is not None:
             self.bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
@@ -605,8 +606,9 @@ class Trainer:
         finally:
             self.engine.sleep()
         r["seconds"] = time.time() - t0
-        log.info("held-out %s: accuracy %.3f format %.3f answer-1 rate %.3f (n=%d, %.1fs)", tag,
-                 r["accuracy"], r["format_rate"], r["answer1_rate"], r["n"], r["seconds"])
+        kinds = "".join(f", {g} {a:.3f}" for g, a in r["by_group"].items() if "/" not in g)
+        log.info("held-out %s: accuracy %.3f%s; format %.3f answer-1 rate %.3f (n=%d, %.1fs)", tag,
+                 r["accuracy"], kinds, r["format_rate"], r["answer1_rate"], r["n"], r["seconds"])
         return r
 
     def finish(self, stopped_early: str | None) -> dict:
@@ -630,7 +632,8 @@ class Trainer:
         }
         if d.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            plot_training_curves(self.out, p.before["accuracy"], after["accuracy"])
+            plot_training_curves(self.out, p.before["accuracy"], after["accuracy"],
+                                 p.before.get("by_group"), after.get("by_group"))
             log.info("held-out accuracy %s -> %s; %.0fs; run dir %s", summary["heldout_accuracy_before"],
                      summary["heldout_accuracy_after"], summary["wall_seconds"], self.out)
         return summary

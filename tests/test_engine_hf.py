@@ -115,3 +115,28 @@ def test_fsdp_gather_once_generates_what_the_sharded_path_does(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])
+
+
+def test_heldout_evaluation_counts_each_kind_and_shape_apart():
+    """rollout.evaluate's by_group: an engine right on every colour pair and wrong on every
+    shape pair scores 1 and 0 on them, and the total averages the two."""
+    from types import SimpleNamespace
+
+    from r1reward.data import PreferencePair
+
+    def pair(i, kind, shape, preferred):
+        meta = {"kind": kind, "shape": shape, "color": "red", "truth": "x", "wrong": "y"}
+        return PreferencePair(f"p{i}", None, "q", "a", "b", preferred, meta)
+
+    class KindEngine:
+        def generate(self, chunk, **_):
+            picks = [p.preferred if p.meta.get("kind") == "color" else 3 - p.preferred for p in chunk]
+            return SimpleNamespace(texts=[f"<think>t</think><answer>{k}</answer>" for k in picks])
+
+    pairs = [pair(0, "color", "circle", 1), pair(1, "color", "square", 2), pair(2, "shape", "circle", 2),
+             pair(3, "shape", "triangle", 1), PreferencePair("release", None, "q", "a", "b", 1)]
+    r = rollout.evaluate(KindEngine(), pairs, batch_size=3, max_new_tokens=8)
+    assert r["n"] == 10  # both orders
+    assert r["by_group"] == {"color": 1.0, "color/circle": 1.0, "color/square": 1.0,
+                             "shape": 0.0, "shape/circle": 0.0, "shape/triangle": 0.0}
+    assert r["accuracy"] == 0.4  # the release pair (no kind) is judged wrong in both orders

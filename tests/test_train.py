@@ -48,6 +48,9 @@ def test_default_pipeline_contract_and_export(tmp_path):
     for k in ("heldout_accuracy_before", "heldout_accuracy_after"):
         assert 0.0 <= on_disk[k] <= 1.0
     assert on_disk["heldout_before"]["n"] == 4  # 2 pairs x both orders
+    # the two held-out pairs are one colour and one shape question: each kind reported apart
+    groups = on_disk["heldout_after"]["by_group"]
+    assert {"color", "shape"} <= set(groups) and all(0.0 <= a <= 1.0 for a in groups.values())
     assert summary["sft"]["examples"] == 4
     r = rows(out)
     assert [x["step"] for x in r] == [1, 2]
@@ -57,6 +60,7 @@ def test_default_pipeline_contract_and_export(tmp_path):
         assert math.isfinite(x["loss"]) and x["health"] == "ok"
     # --eval.every 1: the held-out curve at step 1; the last step's value is the "after" one
     assert 0.0 <= r[0]["heldout_accuracy"] <= 1.0 and "heldout_accuracy" not in r[1]
+    assert {"heldout_accuracy/color", "heldout_accuracy/shape"} <= set(r[0])
     assert (out / "curves.png").stat().st_size > 0
     assert json.loads((out / "config.json").read_text())["steps"] == 2
     assert list((out / "tb").iterdir())  # TensorBoard events
