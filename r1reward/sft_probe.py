@@ -22,6 +22,7 @@ from pathlib import Path
 from r1reward.config import DataConfig, SFTConfig
 from r1reward.data import GUESS_MARK, KINDS, PreferencePair, claims, generated_split, load_pairs, parse_kinds
 from r1reward.rewards import parse_answer
+from r1reward.rollout import eval_groups
 
 
 def judge_groups(engine, pairs: list[PreferencePair], *, max_new_tokens: int = 80,
@@ -35,10 +36,9 @@ def judge_groups(engine, pairs: list[PreferencePair], *, max_new_tokens: int = 8
         chunk = shown[i:i + batch_size]
         gen = engine.generate(chunk, do_sample=False, max_new_tokens=max_new_tokens, num_samples=1)
         for p, text in zip(chunk, gen.texts):
-            kind, shape = p.meta.get("kind", "?"), p.meta.get("shape", "?")
             said = claims(p)
             quoted = sum(f"Response {r} says {said[r]}" in text for r in (1, 2))
-            for key in ("all", kind, f"{kind}/{shape}"):
+            for key in ("all", *eval_groups(p)):
                 c = counts.setdefault(key, [0, 0, 0, 0])
                 c[0] += parse_answer(text) == p.preferred
                 c[1] += GUESS_MARK in text
