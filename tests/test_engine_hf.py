@@ -113,10 +113,6 @@ def test_fsdp_gather_once_generates_what_the_sharded_path_does(tmp_path):
     assert 0 < n0 < n1  # rank 0 stopped first
 
 
-if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
-
-
 def test_heldout_evaluation_counts_each_kind_and_shape_apart():
     """rollout.evaluate's by_group: an engine right on every colour pair and wrong on every
     shape pair scores 1 and 0 on them, and the total averages the two."""
@@ -140,3 +136,7 @@ def test_heldout_evaluation_counts_each_kind_and_shape_apart():
     assert r["by_group"] == {"color": 1.0, "color/circle": 1.0, "color/square": 1.0,
                              "shape": 0.0, "shape/circle": 0.0, "shape/triangle": 0.0}
     assert r["accuracy"] == 0.4  # the release pair (no kind) is judged wrong in both orders
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])

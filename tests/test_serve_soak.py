@@ -28,6 +28,8 @@ SOAK_S = 4.0          # seconds of mixed traffic
 RSS_BOUND_MB = 150    # growth of the whole test process (server and clients) over the soak
 HEALTH_BOUND_S = 3.0  # slowest /health answer allowed: a server stuck behind the flood takes the whole soak
 MAX_CONNECTIONS = 64
+# what a client sees of a connection closed unanswered: an empty read or one of these errors
+UNANSWERED = {b"", "ConnectionResetError", "RemoteDisconnected", "BrokenPipeError"}
 
 
 def _raw(url, data, read=True, timeout=3.0):
@@ -55,18 +57,21 @@ def test_soak_good_and_hostile_clients(tmp_path):
         peak_threads = [0]
         lock = threading.Lock()
 
+        def turned_away(st, rejected0) -> bool:
+            """The connection cap turned the call away: its 503, or, when its answering
+            threads are all busy, a connection closed unanswered (counted in srv.rejected),
+            which a client sees as a reset or an empty read."""
+            return st in (503, b"HTTP/1.1 503") or (st in UNANSWERED and srv.rejected > rejected0)
+
         def capped_call(path, body=None, timeout=30):
-            """(status, answer, turned away by the connection cap): its 503, or, when its
-            answering threads are all busy, a connection closed unanswered (counted in
-            srv.rejected), which a client sees as a reset."""
+            """(status, answer, turned away by the connection cap)."""
             rejected0 = srv.rejected
             try:
                 st, out = call(url, path, body, timeout=timeout)
-            except ConnectionError as e:
-                return repr(e), {}, srv.rejected > rejected0
             except OSError as e:  # recorded, so the figures below still print
-                return repr(e), {}, False
-            return st, out, st == 503 and "connections open" in out.get("error", "")
+                st, out = type(e).__name__, {"error": repr(e)}
+            capped = turned_away(st, rejected0) and (st != 503 or "connections open" in out.get("error", ""))
+            return st, out, capped
 
         def good_call(path, body):
             for _ in range(5):  # a polite client retries when the cap turns it away (Retry-After)
@@ -107,15 +112,11 @@ def test_soak_good_and_hostile_clients(tmp_path):
                         st = fn()
                     except OSError as e:  # a hostile client may be cut off; it must not matter
                         st = type(e).__name__
-                    # The idle-socket and slowloris clients keep the connection cap full at
-                    # times; a new connection then gets the cap's 503, or is closed unanswered
-                    # when the cap's answering threads are all busy: both are right.
-                    capped = st in (503, b"HTTP/1.1 503") or (
-                        st in (b"", "ConnectionResetError", "RemoteDisconnected", "BrokenPipeError")
-                        and srv.rejected > rejected0)
                     with lock:
                         hostile["sent"] += 1
-                        if statuses is not None and st not in statuses and not capped:
+                        # The idle-socket and slowloris clients keep the connection cap full
+                        # at times; being turned away by it then is right.
+                        if statuses is not None and st not in statuses and not turned_away(st, rejected0):
                             hostile["unexpected"].append((name, st))
             return loop
 
