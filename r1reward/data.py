@@ -132,6 +132,16 @@ def claims(pair: PreferencePair) -> dict[int, str]:
     return {r: _value_phrase(m["kind"], m["shape"], vals[r]) for r in (1, 2)}
 
 
+def image_fact(pair: PreferencePair) -> str:
+    """The image's fact as the careful analysis states it ("a purple circle")."""
+    m = pair.meta
+    return _fact_phrase(m["kind"], m["shape"], m["color"], m["truth"])
+
+
+# The careful analysis's verdict on a response's claim: does it match the image?
+VERDICT = {True: "matches the image", False: "does not match the image"}
+
+
 def templated_analysis(pair: PreferencePair) -> str:
     """A short ``<think>…</think><answer>N</answer>`` judgment for the cold-start SFT.
 
@@ -142,11 +152,11 @@ def templated_analysis(pair: PreferencePair) -> str:
     k, other = pair.preferred, 3 - pair.preferred
     m = pair.meta
     if m.get("kind") in ASPECT:
-        kind, shape, color = m["kind"], m["shape"], m["color"]
+        kind = m["kind"]
         says = claims(pair)
-        verdict = {k: "matches the image", other: "does not match the image"}
+        verdict = {k: VERDICT[True], other: VERDICT[False]}
         body = (f"The question asks about the {ASPECT[kind]}. "
-                f"The image shows {_fact_phrase(kind, shape, color, m['truth'])}. "
+                f"The image shows {image_fact(pair)}. "
                 f"Response 1 says {says[1]}, which {verdict[1]}. "
                 f"Response 2 says {says[2]}, which {verdict[2]}. ")
     else:

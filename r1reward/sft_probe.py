@@ -4,10 +4,12 @@ Runs the embedded default's cold-start SFT (generated pairs, templated analyses,
 careless teacher as configured) and every ``--every`` steps judges a held-out slice
 greedily, each pair in both orders (also at the end of the copy warm-up). Accuracy is
 reported overall, per question kind and per (kind, shape), with the share of judgments
-written in the careless teacher's style (no image check) and the share of response claims
-quoted right. The comparison of a response with the image forms late and abruptly, and at
-a different step per kind, machine and seed (docs/training_runs.md): this is the
-instrument for it.
+written in the careless teacher's style (no image check), the share of response claims
+quoted right, the share of judgments that state the image's fact right, and of the verdicts
+given after a right reading and a right quote, the share that is right: which of reading
+the image, quoting a claim and comparing the two a cold start lacks. The comparison of a
+response with the image forms late and abruptly, and at a different step per kind, machine
+and seed (docs/training_runs.md): this is the instrument for it.
 
 Writes ``probe.jsonl`` (one row per checkpoint) to ``--output`` and prints a table.
 """
@@ -20,7 +22,17 @@ import time
 from pathlib import Path
 
 from r1reward.config import DataConfig, SFTConfig
-from r1reward.data import GUESS_MARK, KINDS, PreferencePair, claims, generated_split, load_pairs, parse_kinds
+from r1reward.data import (
+    GUESS_MARK,
+    KINDS,
+    VERDICT,
+    PreferencePair,
+    claims,
+    generated_split,
+    image_fact,
+    load_pairs,
+    parse_kinds,
+)
 from r1reward.rewards import parse_answer
 from r1reward.rollout import eval_groups
 
@@ -28,8 +40,11 @@ from r1reward.rollout import eval_groups
 def judge_groups(engine, pairs: list[PreferencePair], *, max_new_tokens: int = 80,
                  batch_size: int = 48) -> dict[str, dict]:
     """Greedy judgments of ``pairs`` in both orders, per group ("all", the kind,
-    "kind/shape"): accuracy, careless share, and the share of response claims quoted
-    right ("Response k says <claim>")."""
+    "kind/shape"): accuracy, careless share, the share of response claims quoted right
+    ("Response k says <claim>"), the share of judgments that state the image's fact right
+    ("read"), and "compared": of the claims quoted right in a judgment that read the image
+    right, the share given the right verdict (None when there were none). A judgment can
+    read and quote right and still fail the comparison: these tell the three apart."""
     shown = list(pairs) + [p.swapped() for p in pairs]
     counts: dict[str, list[int]] = {}
     for i in range(0, len(shown), batch_size):
@@ -38,14 +53,21 @@ def judge_groups(engine, pairs: list[PreferencePair], *, max_new_tokens: int = 8
         for p, text in zip(chunk, gen.texts):
             said = claims(p)
             quoted = sum(f"Response {r} says {said[r]}" in text for r in (1, 2))
+            read = f"The image shows {image_fact(p)}." in text
+            compared = [f"Response {r} says {said[r]}, which {VERDICT[r == p.preferred]}" in text
+                        for r in (1, 2) if read and f"Response {r} says {said[r]}, which " in text]
             for key in ("all", *eval_groups(p)):
-                c = counts.setdefault(key, [0, 0, 0, 0])
+                c = counts.setdefault(key, [0] * 7)
                 c[0] += parse_answer(text) == p.preferred
                 c[1] += GUESS_MARK in text
                 c[2] += 1
                 c[3] += quoted
+                c[4] += read
+                c[5] += len(compared)
+                c[6] += sum(compared)
     return {k: {"accuracy": c[0] / c[2], "careless": c[1] / c[2], "quoted": c[3] / (2 * c[2]),
-                "n": c[2]} for k, c in sorted(counts.items())}
+                "read": c[4] / c[2], "compared": c[6] / c[5] if c[5] else None, "n": c[2]}
+            for k, c in sorted(counts.items())}
 
 
 def probe(out: Path, cfg: SFTConfig, *, every: int, kinds: tuple[str, ...], n_train: int,
@@ -96,15 +118,16 @@ def columns(rows: list[dict]) -> list[str]:
 def table_row(row: dict, cols: list[str]) -> str:
     g = row["groups"]
     cells = [f"{g[c]['accuracy']:.3f}" for c in cols]
-    careless, quoted = g["all"]["careless"], g["all"]["quoted"]
-    return (f"| {row['step']} | {row['loss']:.4f} | " + " | ".join(cells)
-            + f" | {careless:.3f} | {quoted:.3f} |")
+    a = g["all"]
+    tail = [f"{a[k]:.3f}" if a.get(k) is not None else "–"
+            for k in ("careless", "quoted", "read", "compared")]
+    return f"| {row['step']} | {row['loss']:.4f} | " + " | ".join(cells + tail) + " |"
 
 
 def table(rows: list[dict]) -> str:
     cols = columns(rows)
-    head = "| step | loss | " + " | ".join(cols) + " | careless | quoted |"
-    rule = "|" + "---|" * (len(cols) + 4)
+    head = "| step | loss | " + " | ".join(cols) + " | careless | quoted | read | compared |"
+    rule = "|" + "---|" * (len(cols) + 6)
     return "\n".join([head, rule] + [table_row(r, cols) for r in rows])
 
 

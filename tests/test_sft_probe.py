@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 
 from r1reward import sft_probe
-from r1reward.data import GUESS_MARK, PreferencePair, claims
+from r1reward.data import GUESS_MARK, VERDICT, PreferencePair, claims, image_fact
 
 
 class Scripted:
@@ -26,7 +26,7 @@ class Scripted:
 
 def _pair(i, shape, kind, preferred):
     return PreferencePair(f"p{i}", "", "q", "a", "b", preferred,
-                          {"kind": kind, "shape": shape, "truth": "t", "wrong": "w"})
+                          {"kind": kind, "shape": shape, "color": "red", "truth": "t", "wrong": "w"})
 
 
 def test_judge_groups_counts_accuracy_careless_and_quoted_share_per_group():
@@ -34,11 +34,41 @@ def test_judge_groups_counts_accuracy_careless_and_quoted_share_per_group():
              _pair(2, "square", "shape", 1)]
     g = sft_probe.judge_groups(Scripted(), pairs, batch_size=2)
     assert g["all"]["n"] == 6  # both orders
-    assert g["color/circle"] == {"accuracy": 1.0, "careless": 0.0, "quoted": 1.0, "n": 2}
+    assert g["color/circle"] == {"accuracy": 1.0, "careless": 0.0, "quoted": 1.0, "read": 0.0,
+                                 "compared": None, "n": 2}
     # a constant "1" is right in exactly one of the two orders; one claim of two quoted right
-    assert g["color/square"] == {"accuracy": 0.5, "careless": 1.0, "quoted": 0.5, "n": 2}
+    assert g["color/square"] == {"accuracy": 0.5, "careless": 1.0, "quoted": 0.5, "read": 0.0,
+                                 "compared": None, "n": 2}
     assert g["color"]["accuracy"] == 0.75 and g["shape"]["careless"] == 1.0
     assert g["all"]["accuracy"] == pytest.approx(4 / 6)
+
+
+class SaysEverythingMatches:
+    """Reads the image right (or, with ``misread``, names another colour) and quotes both
+    claims right, then says each claim matches the image: half the verdicts are wrong."""
+
+    def __init__(self, misread=False):
+        self.misread = misread
+
+    def generate(self, pairs, *, do_sample, max_new_tokens, num_samples=1, **kw):
+        texts = []
+        for p in pairs:
+            said = claims(p)
+            fact = "a blue circle" if self.misread else image_fact(p)
+            texts.append(f"<think>The image shows {fact}. "
+                         + " ".join(f"Response {r} says {said[r]}, which {VERDICT[True]}." for r in (1, 2))
+                         + "</think><answer>1</answer>")
+        return SimpleNamespace(texts=texts)
+
+
+def test_judge_groups_tells_reading_quoting_and_comparing_apart():
+    pairs = [_pair(0, "circle", "color", 1), _pair(1, "square", "shape", 2)]
+    g = sft_probe.judge_groups(SaysEverythingMatches(), pairs, batch_size=3)
+    assert g["all"]["read"] == 1.0 and g["all"]["quoted"] == 1.0
+    assert g["all"]["compared"] == 0.5  # 8 verdicts after a right reading, 4 right
+    misread = sft_probe.judge_groups(SaysEverythingMatches(misread=True), pairs, batch_size=3)
+    assert misread["all"]["read"] == 0.0 and misread["all"]["compared"] is None
+    assert "| – |" in sft_probe.table([{"step": 1, "loss": 0.5, "groups": misread}])
 
 
 def test_probe_writes_a_row_per_reading(tiny_dir, tmp_path, capsys):
