@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from r1reward.data import ASPECT, PreferencePair, _fact_phrase, _value_phrase
+from r1reward.data import ASPECT, VERDICT, PreferencePair, _fact_phrase, _value_phrase
 
 # Probability of a careful attempt per question kind (the teacher reads colours well and
 # shapes and counts poorly).
@@ -30,7 +30,7 @@ def misperceived_analysis(pair: PreferencePair, seen: str) -> tuple[str, int]:
     kind, shape, color = m["kind"], m["shape"], m["color"]
     vals = {pair.preferred: m["truth"], 3 - pair.preferred: m["wrong"]}
     pick = 1 if vals[1] == seen else 2
-    verdict = {pick: "matches the image", 3 - pick: "does not match the image"}
+    verdict = {pick: VERDICT[True], 3 - pick: VERDICT[False]}
     return (f"<think>The question asks about the {ASPECT[kind]}. "
             f"The image shows {_fact_phrase(kind, shape, color, seen)}. "
             f"Response 1 says {_value_phrase(kind, shape, vals[1])}, which {verdict[1]}. "
