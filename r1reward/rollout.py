@@ -69,6 +69,12 @@ def eval_groups(pair: PreferencePair) -> tuple[str, ...]:
     return (kind, f"{kind}/{shape}") if kind and shape else ()
 
 
+def at_chance(result: dict, margin: float = 0.06) -> list[str]:
+    """Question kinds that ``evaluate``'s ``result`` judges at chance: within ``margin`` of
+    0.5. Shown in both orders, a judge that ignores the image scores exactly 0.5."""
+    return [g for g, a in result.get("by_group", {}).items() if "/" not in g and abs(a - 0.5) <= margin]
+
+
 @torch.no_grad()
 def evaluate(engine: RolloutEngine, pairs: list[PreferencePair], *, batch_size: int,
              max_new_tokens: int, both_orders: bool = True) -> dict:

@@ -345,6 +345,10 @@ class Trainer:
             self.resume()
         if self.progress.before is None:
             self.progress.before = self.evaluate("before RL")
+            if unformed := rollout.at_chance(self.progress.before):
+                log.warning("the cold start judges %s questions at chance: RL seldom forms a comparison "
+                            "the cold start lacks (python -m r1reward.sft_probe shows which step is "
+                            "missing; docs/training_runs.md)", " and ".join(unformed))
         self._open_bar()
         stopped_early = None
         try:
@@ -623,6 +627,7 @@ class Trainer:
             "heldout_accuracy_before": p.before["accuracy"],
             "heldout_accuracy_after": after["accuracy"],
             "heldout_before": p.before, "heldout_after": after,
+            "cold_start_at_chance": rollout.at_chance(p.before),
             "steps": p.step, "wall_seconds": time.time() - self.t_start,
             "phase_seconds": p.phase_seconds, "sft": p.sft, "data": self.data_info,
             "skipped_steps": self.recovery.skipped_steps, "rollbacks": self.recovery.rollbacks,

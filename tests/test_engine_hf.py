@@ -136,6 +136,10 @@ def test_heldout_evaluation_counts_each_kind_and_shape_apart():
     assert r["by_group"] == {"color": 1.0, "color/circle": 1.0, "color/square": 1.0,
                              "shape": 0.0, "shape/circle": 0.0, "shape/triangle": 0.0}
     assert r["accuracy"] == 0.4  # the release pair (no kind) is judged wrong in both orders
+    assert rollout.at_chance(r) == []  # 1.0 and 0.0 are both far from chance
+    near = {"by_group": {"color": 0.95, "shape": 0.555, "shape/circle": 0.5}}
+    assert rollout.at_chance(near) == ["shape"]  # kinds only, not kind/shape
+    assert rollout.at_chance({"accuracy": None, "n": 0}) == []  # evaluation off
 
 
 if __name__ == "__main__":

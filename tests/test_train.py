@@ -51,6 +51,7 @@ def test_default_pipeline_contract_and_export(tmp_path):
     # the two held-out pairs are one colour and one shape question: each kind reported apart
     groups = on_disk["heldout_after"]["by_group"]
     assert {"color", "shape"} <= set(groups) and all(0.0 <= a <= 1.0 for a in groups.values())
+    assert set(on_disk["cold_start_at_chance"]) <= {"color", "shape"}
     assert summary["sft"]["examples"] == 4
     r = rows(out)
     assert [x["step"] for x in r] == [1, 2]
