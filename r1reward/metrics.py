@@ -81,7 +81,7 @@ def plot_training_curves(run_dir: str | Path, before: float | None = None,
     """``<run_dir>/curves.png``: reward, rollout accuracy and answer-"1" rate per RL step
     (with a running mean), and held-out accuracy before RL, every ``--eval.every`` steps
     and after RL, in all and per question kind (``heldout_accuracy/<kind>`` in the rows;
-    the ``*_by_kind`` dicts hold the first and last points). Returns the path, or None
+    the ``*_by_kind`` dicts, kind -> accuracy, hold the first and last points). Returns the path, or None
     when there is nothing to draw."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
@@ -121,7 +121,7 @@ def plot_training_curves(run_dir: str | Path, before: float | None = None,
     if held:
         ax_a.plot(*zip(*held), "ko-", ms=4, label="held-out accuracy (greedy)")
     kinds = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("heldout_accuracy/")}
-                   | {k for k in {**(before_by_kind or {}), **(after_by_kind or {})} if "/" not in k})
+                   | set(before_by_kind or {}) | set(after_by_kind or {}))
     for i, kind in enumerate(kinds):
         curve = held_curve(f"heldout_accuracy/{kind}", (before_by_kind or {}).get(kind),
                            (after_by_kind or {}).get(kind))

@@ -69,10 +69,16 @@ def eval_groups(pair: PreferencePair) -> tuple[str, ...]:
     return (kind, f"{kind}/{shape}") if kind and shape else ()
 
 
+def by_kind(result: dict) -> dict[str, float]:
+    """``evaluate``'s accuracy per question kind (its ``by_group`` without kind/shape);
+    empty when the result has none (evaluation off, release data)."""
+    return {g: a for g, a in result.get("by_group", {}).items() if "/" not in g}
+
+
 def at_chance(result: dict, margin: float = 0.06) -> list[str]:
     """Question kinds that ``evaluate``'s ``result`` judges at chance: within ``margin`` of
     0.5. Shown in both orders, a judge that ignores the image scores exactly 0.5."""
-    return [g for g, a in result.get("by_group", {}).items() if "/" not in g and abs(a - 0.5) <= margin]
+    return [g for g, a in by_kind(result).items() if abs(a - 0.5) <= margin]
 
 
 @torch.no_grad()

@@ -572,7 +572,7 @@ class Trainer:
             if r["accuracy"] is not None:
                 row["heldout_accuracy"] = r["accuracy"]
                 row["heldout_answer1_rate"] = r["answer1_rate"]
-                row.update({f"heldout_accuracy/{g}": a for g, a in r["by_group"].items() if "/" not in g})
+                row.update({f"heldout_accuracy/{g}": a for g, a in rollout.by_kind(r).items()})
         row = self.metrics.log(step, row)
         if self.bar is not None:
             self.bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
@@ -610,7 +610,7 @@ class Trainer:
         finally:
             self.engine.sleep()
         r["seconds"] = time.time() - t0
-        kinds = "".join(f", {g} {a:.3f}" for g, a in r["by_group"].items() if "/" not in g)
+        kinds = "".join(f", {g} {a:.3f}" for g, a in rollout.by_kind(r).items())
         log.info("held-out %s: accuracy %.3f%s; format %.3f answer-1 rate %.3f (n=%d, %.1fs)", tag,
                  r["accuracy"], kinds, r["format_rate"], r["answer1_rate"], r["n"], r["seconds"])
         return r
@@ -638,7 +638,7 @@ class Trainer:
         if d.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             plot_training_curves(self.out, p.before["accuracy"], after["accuracy"],
-                                 p.before.get("by_group"), after.get("by_group"))
+                                 rollout.by_kind(p.before), rollout.by_kind(after))
             log.info("held-out accuracy %s -> %s; %.0fs; run dir %s", summary["heldout_accuracy_before"],
                      summary["heldout_accuracy_after"], summary["wall_seconds"], self.out)
         return summary
