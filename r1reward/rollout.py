@@ -75,7 +75,11 @@ def by_kind(result: dict) -> dict[str, float]:
     return {g: a for g, a in result.get("by_group", {}).items() if "/" not in g}
 
 
-def at_chance(result: dict, margin: float = 0.06) -> list[str]:
+# How close to 0.5 a question kind's held-out accuracy counts as chance.
+CHANCE_MARGIN = 0.06
+
+
+def at_chance(result: dict, margin: float = CHANCE_MARGIN) -> list[str]:
     """Question kinds that ``evaluate``'s ``result`` judges at chance: within ``margin`` of
     0.5. Shown in both orders, a judge that ignores the image scores exactly 0.5."""
     return [g for g, a in by_kind(result).items() if abs(a - 0.5) <= margin]
