@@ -10,8 +10,8 @@ runs), and counts per question kind the seeds whose last reading is above chance
 
 Everything after ``--`` goes to every probe. Writes ``seed_<S>/`` (the probe's
 ``probe.jsonl`` and ``log.txt``) and ``screen.json`` to ``--output``, prints a table. A
-seed whose probe already reached its last step is read, not rerun, so an interrupted
-screen resumes.
+seed whose probe already reached its last step with the same flags is read, not rerun,
+so an interrupted screen resumes.
 """
 from __future__ import annotations
 
@@ -58,11 +58,15 @@ def formed(reading: dict) -> list[str]:
 
 
 def run_probe(seed: int, seed_dir: Path, probe_args: list[str], steps: int) -> dict:
-    """The seed's last reading: read back if its probe already reached ``steps``."""
+    """The seed's last reading: read back if its probe, with the same flags, already
+    reached ``steps``."""
+    args_file = seed_dir / "probe_args.json"
     done = last_reading(seed_dir)
-    if done is not None and done["step"] >= steps:
+    same = args_file.exists() and json.loads(args_file.read_text()) == probe_args
+    if done is not None and done["step"] >= steps and same:
         return done
     seed_dir.mkdir(parents=True, exist_ok=True)
+    args_file.write_text(json.dumps(probe_args) + "\n")
     cmd = [sys.executable, "-m", "r1reward.sft_probe", "--output", str(seed_dir),
            "--seed", str(seed), "--overwrite", *probe_args]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")

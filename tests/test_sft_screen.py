@@ -26,11 +26,14 @@ def test_a_kind_counts_as_formed_only_above_the_chance_margin():
     assert "color 2/3, shape 2/3; every kind: 1/3" in sft_screen.table(s)
 
 
+def _screen(out, seeds, *probe_flags):
+    return sft_screen.main(["--output", str(out), "--seeds", seeds, "--jobs", "2", "--",
+                            "--steps", "2", "--copy-warmup", "0", "--every", "2", "--n-train", "8",
+                            "--n-heldout", "2", "--kinds", "color,shape", *probe_flags])
+
+
 def test_screen_runs_each_seed_once_and_resumes(tiny_dir, tmp_path, capsys):
-    args = ["--output", str(tmp_path), "--seeds", "0-1", "--jobs", "2", "--",
-            "--steps", "2", "--copy-warmup", "0", "--every", "2", "--n-train", "8",
-            "--n-heldout", "2", "--kinds", "color,shape"]
-    assert sft_screen.main(args) == 0
+    assert _screen(tmp_path, "0-1") == 0
     summary = json.loads((tmp_path / "screen.json").read_text())
     assert summary["n"] == 2 and set(summary["seeds"]) == {"0", "1"}
     assert set(summary["formed"]) == {"color", "shape"} and summary["failed"] == []
@@ -38,8 +41,10 @@ def test_screen_runs_each_seed_once_and_resumes(tiny_dir, tmp_path, capsys):
     assert "| seed | all | color | shape | formed |" in capsys.readouterr().out
     probe = tmp_path / "seed_0" / "probe.jsonl"
     before = probe.stat().st_mtime_ns
-    assert sft_screen.main(args) == 0  # both seeds done: read back, not rerun
+    assert _screen(tmp_path, "0-1") == 0  # both seeds done: read back, not rerun
     assert probe.stat().st_mtime_ns == before
+    assert _screen(tmp_path, "0", "--lr", "1e-3") == 0
+    assert probe.stat().st_mtime_ns != before  # other flags: the seed is probed again
 
 
 def test_a_failed_probe_is_reported_with_its_log_and_the_rest_kept(tiny_dir, tmp_path, capsys):
