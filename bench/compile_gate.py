@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,14 +22,23 @@ from pathlib import Path
 
 from r1reward.kernels import compile_gate as cg
 
+# Disk a Triton release takes once unpacked (3.6.0: 0.64 GB), with room for pip's temporaries.
+TRITON_RELEASE_BYTES = 1_500_000_000
+
 
 def triton_release(version: str) -> Path:
     """A directory holding Triton ``version`` (and nothing else), built once."""
     from r1reward.cache import build_once, cache_root
 
     def install(tmp: Path) -> None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                        str(tmp), f"triton=={version}"], check=True)
+        # The unpacked release is ~0.6 GB; say so plainly rather than fail inside pip.
+        free = shutil.disk_usage(tmp).free
+        if free < TRITON_RELEASE_BYTES:
+            raise SystemExit(f"compile_gate --triton {version}: {free / 2**30:.1f} GiB free under "
+                             f"{tmp.parent}, need ~{TRITON_RELEASE_BYTES / 2**30:.1f} GiB "
+                             "(set R1REWARD_CACHE to a roomier disk)")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                        "--no-cache-dir", "--target", str(tmp), f"triton=={version}"], check=True)
     return build_once(cache_root() / f"triton-{version}", install, marker="triton/__init__.py")
 
 
