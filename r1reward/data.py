@@ -138,8 +138,9 @@ def image_fact(pair: PreferencePair) -> str:
     return _fact_phrase(m["kind"], m["shape"], m["color"], m["truth"])
 
 
-# The careful analysis's verdict on a response's claim: does it match the image?
-VERDICT = {True: "matches the image", False: "does not match the image"}
+# The careful analysis's verdict on a response's claim (does it match the image?), written
+# right after the quoted claim.
+VERDICT = {True: ", which matches the image", False: ", which does not match the image"}
 
 
 def templated_analysis(pair: PreferencePair) -> str:
@@ -157,8 +158,8 @@ def templated_analysis(pair: PreferencePair) -> str:
         verdict = {k: VERDICT[True], other: VERDICT[False]}
         body = (f"The question asks about the {ASPECT[kind]}. "
                 f"The image shows {image_fact(pair)}. "
-                f"Response 1 says {says[1]}, which {verdict[1]}. "
-                f"Response 2 says {says[2]}, which {verdict[2]}. ")
+                f"Response 1 says {says[1]}{verdict[1]}. "
+                f"Response 2 says {says[2]}{verdict[2]}. ")
     else:
         body = (f"Response {k} describes the image correctly. "
                 f"Response {other} contains a detail that does not match the image. ")

@@ -54,8 +54,10 @@ def judge_groups(engine, pairs: list[PreferencePair], *, max_new_tokens: int = 8
             said = claims(p)
             quoted = sum(f"Response {r} says {said[r]}" in text for r in (1, 2))
             read = f"The image shows {image_fact(p)}." in text
-            compared = [f"Response {r} says {said[r]}, which {VERDICT[r == p.preferred]}" in text
-                        for r in (1, 2) if read and f"Response {r} says {said[r]}, which " in text]
+            judged = [r for r in (1, 2) if read and any(
+                f"Response {r} says {said[r]}{v}" in text for v in VERDICT.values())]
+            compared = [f"Response {r} says {said[r]}{VERDICT[r == p.preferred]}" in text
+                        for r in judged]
             for key in ("all", *eval_groups(p)):
                 c = counts.setdefault(key, [0] * 7)
                 c[0] += parse_answer(text) == p.preferred

@@ -33,8 +33,8 @@ def misperceived_analysis(pair: PreferencePair, seen: str) -> tuple[str, int]:
     verdict = {pick: VERDICT[True], 3 - pick: VERDICT[False]}
     return (f"<think>The question asks about the {ASPECT[kind]}. "
             f"The image shows {_fact_phrase(kind, shape, color, seen)}. "
-            f"Response 1 says {_value_phrase(kind, shape, vals[1])}, which {verdict[1]}. "
-            f"Response 2 says {_value_phrase(kind, shape, vals[2])}, which {verdict[2]}. "
+            f"Response 1 says {_value_phrase(kind, shape, vals[1])}{verdict[1]}. "
+            f"Response 2 says {_value_phrase(kind, shape, vals[2])}{verdict[2]}. "
             f"Response {pick} is faithful to the image, so Response {pick} is better.</think>"), pick
 
 

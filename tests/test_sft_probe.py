@@ -56,7 +56,7 @@ class SaysEverythingMatches:
             said = claims(p)
             fact = "a blue circle" if self.misread else image_fact(p)
             texts.append(f"<think>The image shows {fact}. "
-                         + " ".join(f"Response {r} says {said[r]}, which {VERDICT[True]}." for r in (1, 2))
+                         + " ".join(f"Response {r} says {said[r]}{VERDICT[True]}." for r in (1, 2))
                          + "</think><answer>1</answer>")
         return SimpleNamespace(texts=texts)
 
