@@ -105,13 +105,15 @@ def _response(kind: str, shape: str, color: str, value: str) -> str:
 
 
 def _fact_phrase(kind: str, shape: str, color: str, truth: str) -> str:
+    # The asked value in capitals: tokens only the image's fact uses, so the tiny model checks
+    # a quoted claim against the fact with one lookup (docs/training_runs.md, 2026-12-02).
     if kind == "count":
-        return f"one {color} {shape}" if truth == "one" else f"{truth} {color} {_plural(shape)}"
+        return f"ONE {color} {shape}" if truth == "one" else f"{truth.upper()} {color} {_plural(shape)}"
     if kind == "position":
-        return f"a {color} {shape} {WHERE[truth]}"
+        return f"a {color} {shape} {WHERE[truth].upper()}"
     if kind == "shape":
-        return f"a {color} {truth}"
-    return f"a {truth} {shape}"
+        return f"a {color} {truth.upper()}"
+    return f"a {truth.upper()} {shape}"
 
 
 def _value_phrase(kind: str, shape: str, value: str) -> str:
@@ -138,9 +140,9 @@ def image_fact(pair: PreferencePair) -> str:
     return _fact_phrase(m["kind"], m["shape"], m["color"], m["truth"])
 
 
-# The careful analysis's verdict on a response's claim (does it match the image?), written
-# right after the quoted claim.
-VERDICT = {True: ", which matches the image", False: ", which does not match the image"}
+# The careful analysis's verdict on a response's claim (does it match the image?). Its first
+# word follows the claim's value at once, so the token that decides it sits on the value.
+VERDICT = {True: " and the image agrees", False: " but the image disagrees"}
 
 
 def templated_analysis(pair: PreferencePair) -> str:

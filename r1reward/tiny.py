@@ -21,7 +21,8 @@ from .prompt import JUDGE_PROMPT
 
 # Bump when anything below changes what gets written: old caches are then not reused.
 # 3: processor_config.json carries the video processor's config (AutoProcessor loads it).
-TINY_VERSION = "3"
+# 4: the tokenizer learns the analyses' new words (the fact's capitals, the verdicts).
+TINY_VERSION = "4"
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")

@@ -16,7 +16,7 @@ def test_seeing_the_truth_is_the_templated_analysis_and_a_misperception_argues_w
     text, argued = misperceived_analysis(p, "red")
     assert argued == 2 and text + "<answer>2</answer>" == templated_analysis(p)
     text, argued = misperceived_analysis(p, "blue")
-    assert argued == 1 and "The image shows a blue circle" in text
+    assert argued == 1 and "The image shows a BLUE circle" in text
 
 
 def test_skill_by_kind_and_slips_make_inconsistent_answers():
