@@ -134,14 +134,19 @@ def end_of_turn_id(tokenizer) -> int:
 
 
 def make_batch(processor, examples: list[tuple[PreferencePair, str]], device,
-               prompt=None) -> SeqBatch:
+               prompt=None, encoded: dict[str, list[int]] | None = None) -> SeqBatch:
     """Prompt (chat template, left-padded) + target tokens and end-of-turn (right-padded);
-    ``prompt``: the prompts' processor output when the caller already has it."""
+    ``prompt``: the prompts' processor output when the caller already has it; ``encoded``:
+    a memo of target text → token ids that the caller keeps across batches."""
     if prompt is None:
         prompt = build_prompt_inputs(processor, [p for p, _ in examples], device)
     tok = processor.tokenizer
     eot = end_of_turn_id(tok)
-    ids = [tok(t, add_special_tokens=False)["input_ids"] + [eot] for _, t in examples]
+    memo = {} if encoded is None else encoded
+    for _, t in examples:
+        if t not in memo:
+            memo[t] = tok(t, add_special_tokens=False)["input_ids"]
+    ids = [memo[t] + [eot] for _, t in examples]
     width = max(map(len, ids))
     pad = tok.pad_token_id if tok.pad_token_id is not None else eot
     resp = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -202,7 +207,7 @@ def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=Non
         if decay else 1.0)
     order: list[int] = []
     losses = []
-    prompts = PromptCache(processor)
+    prompts, encoded = PromptCache(processor), {}
     model.train()
     for step in range(cfg.steps):
         if len(order) < cfg.batch_size:
@@ -211,7 +216,8 @@ def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=Non
             order += perm
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
         chosen = [examples[i] for i in idx]
-        batch = make_batch(processor, chosen, device, prompt=prompts([p for p, _ in chosen], device))
+        batch = make_batch(processor, chosen, device, prompt=prompts([p for p, _ in chosen], device),
+                           encoded=encoded)
         loss = sft_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -118,6 +118,31 @@ def test_prompt_cache_collates_what_the_processor_does(pairs, tiny_dir):
     assert len(cache.single) <= len(shown)
 
 
+def test_make_batch_with_a_target_memo_builds_the_same_batch_and_tokenizes_once(pairs, tiny_dir):
+    import torch
+
+    from r1reward.generation import build_prompt_inputs
+    from r1reward.model import load_model_and_processor
+    from r1reward.sft import make_batch
+
+    _, proc = load_model_and_processor(tiny_dir)
+    ex = templated_examples(pairs[0], 6, seed=0, guess_rate=0.5)
+    memo: dict = {}
+    want, got = make_batch(proc, ex, "cpu"), make_batch(proc, ex, "cpu", encoded=memo)
+    for f in ("input_ids", "attention_mask", "response_ids", "response_mask"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+    assert set(memo) == {t for _, t in ex}
+    prompt = build_prompt_inputs(proc, [p for p, _ in ex])
+    calls = []  # the targets' tokenizer calls (the prompt is built above)
+    real = proc.tokenizer.__class__.__call__
+    proc.tokenizer.__class__.__call__ = lambda self, *a, **k: calls.append(a) or real(self, *a, **k)
+    try:
+        again = make_batch(proc, ex, "cpu", prompt=prompt, encoded=memo)
+    finally:
+        proc.tokenizer.__class__.__call__ = real
+    assert calls == [] and torch.equal(again.input_ids, want.input_ids)
+
+
 def test_blank_image_examples_quote_each_claim_or_keep_the_judgment(pairs):
     from PIL import Image
 
