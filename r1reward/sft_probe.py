@@ -42,9 +42,10 @@ def judge_groups(engine, pairs: list[PreferencePair], *, max_new_tokens: int = 8
     """Greedy judgments of ``pairs`` in both orders, per group ("all", the kind,
     "kind/shape"): accuracy, careless share, the share of response claims quoted right
     ("Response k says <claim>"), the share of judgments that state the image's fact right
-    ("read"), and "compared": of the claims quoted right in a judgment that read the image
-    right, the share given the right verdict (None when there were none). A judgment can
-    read and quote right and still fail the comparison: these tell the three apart."""
+    ("read"), and "compared": of the claims quoted right and followed by one of the two
+    verdicts in a judgment that read the image right, the share given the right verdict
+    (None when there were none). A judgment can read and quote right and still fail the
+    comparison: these tell the three apart."""
     shown = list(pairs) + [p.swapped() for p in pairs]
     counts: dict[str, list[int]] = {}
     for i in range(0, len(shown), batch_size):
