@@ -31,7 +31,6 @@ def triton_release(version: str) -> Path:
     from r1reward.cache import build_once, cache_root
 
     def install(tmp: Path) -> None:
-        # The unpacked release is ~0.6 GB; say so plainly rather than fail inside pip.
         free = shutil.disk_usage(tmp).free
         if free < TRITON_RELEASE_BYTES:
             raise SystemExit(f"compile_gate --triton {version}: {free / 2**30:.1f} GiB free under "

@@ -145,6 +145,11 @@ def image_fact(pair: PreferencePair) -> str:
 VERDICT = {True: " and the image agrees", False: " but the image disagrees"}
 
 
+def judged_claim(response: int, claim: str, matches: bool) -> str:
+    """One response's quoted claim and its verdict, as the careful analysis writes it."""
+    return f"Response {response} says {claim}{VERDICT[matches]}"
+
+
 def templated_analysis(pair: PreferencePair) -> str:
     """A short ``<think>…</think><answer>N</answer>`` judgment for the cold-start SFT.
 
@@ -157,11 +162,9 @@ def templated_analysis(pair: PreferencePair) -> str:
     if m.get("kind") in ASPECT:
         kind = m["kind"]
         says = claims(pair)
-        verdict = {k: VERDICT[True], other: VERDICT[False]}
         body = (f"The question asks about the {ASPECT[kind]}. "
                 f"The image shows {image_fact(pair)}. "
-                f"Response 1 says {says[1]}{verdict[1]}. "
-                f"Response 2 says {says[2]}{verdict[2]}. ")
+                f"{judged_claim(1, says[1], k == 1)}. {judged_claim(2, says[2], k == 2)}. ")
     else:
         body = (f"Response {k} describes the image correctly. "
                 f"Response {other} contains a detail that does not match the image. ")

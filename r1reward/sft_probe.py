@@ -25,11 +25,11 @@ from r1reward.config import DataConfig, SFTConfig
 from r1reward.data import (
     GUESS_MARK,
     KINDS,
-    VERDICT,
     PreferencePair,
     claims,
     generated_split,
     image_fact,
+    judged_claim,
     load_pairs,
     parse_kinds,
 )
@@ -56,9 +56,8 @@ def judge_groups(engine, pairs: list[PreferencePair], *, max_new_tokens: int = 8
             quoted = sum(f"Response {r} says {said[r]}" in text for r in (1, 2))
             read = f"The image shows {image_fact(p)}." in text
             judged = [r for r in (1, 2) if read and any(
-                f"Response {r} says {said[r]}{v}" in text for v in VERDICT.values())]
-            compared = [f"Response {r} says {said[r]}{VERDICT[r == p.preferred]}" in text
-                        for r in judged]
+                judged_claim(r, said[r], ok) in text for ok in (True, False))]
+            compared = [judged_claim(r, said[r], r == p.preferred) in text for r in judged]
             for key in ("all", *eval_groups(p)):
                 c = counts.setdefault(key, [0] * 7)
                 c[0] += parse_answer(text) == p.preferred

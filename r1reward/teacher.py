@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from r1reward.data import ASPECT, VERDICT, PreferencePair, _fact_phrase, _value_phrase
+from r1reward.data import ASPECT, PreferencePair, _fact_phrase, _value_phrase, judged_claim
 
 # Probability of a careful attempt per question kind (the teacher reads colours well and
 # shapes and counts poorly).
@@ -30,11 +30,10 @@ def misperceived_analysis(pair: PreferencePair, seen: str) -> tuple[str, int]:
     kind, shape, color = m["kind"], m["shape"], m["color"]
     vals = {pair.preferred: m["truth"], 3 - pair.preferred: m["wrong"]}
     pick = 1 if vals[1] == seen else 2
-    verdict = {pick: VERDICT[True], 3 - pick: VERDICT[False]}
     return (f"<think>The question asks about the {ASPECT[kind]}. "
             f"The image shows {_fact_phrase(kind, shape, color, seen)}. "
-            f"Response 1 says {_value_phrase(kind, shape, vals[1])}{verdict[1]}. "
-            f"Response 2 says {_value_phrase(kind, shape, vals[2])}{verdict[2]}. "
+            f"{judged_claim(1, _value_phrase(kind, shape, vals[1]), pick == 1)}. "
+            f"{judged_claim(2, _value_phrase(kind, shape, vals[2]), pick == 2)}. "
             f"Response {pick} is faithful to the image, so Response {pick} is better.</think>"), pick
 
 
