@@ -63,6 +63,11 @@ def test_default_pipeline_contract_and_export(tmp_path):
     assert 0.0 <= r[0]["heldout_accuracy"] <= 1.0 and "heldout_accuracy" not in r[1]
     assert {"heldout_accuracy/color", "heldout_accuracy/shape"} <= set(r[0])
     assert (out / "curves.png").stat().st_size > 0
+    from r1reward import compare  # reads what the trainer wrote
+    cmp = compare.summarize(compare.load_run(out))
+    assert cmp["steps"] == 2 and set(cmp["by_kind"]) == {"color", "shape"}
+    assert cmp["clip_steps"] == sum(x["clip_frac"] > 0 for x in r)
+    assert [s for s, _ in compare.heldout_curve(compare.load_run(out))] == [0, 1, 2]
     assert json.loads((out / "config.json").read_text())["steps"] == 2
     assert list((out / "tb").iterdir())  # TensorBoard events
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]  # keep=1
