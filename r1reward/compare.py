@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from r1reward.metrics import heldout_points
+
 MECHANISMS = (("preclip", "preclip_frac"), ("clip", "clip_frac"), ("filter", "filtered_frac"))
 
 
@@ -56,10 +58,8 @@ def heldout_curve(run: dict, kind: str | None = None) -> list[tuple[int, float]]
         return result["accuracy"] if kind is None else result.get("by_group", {}).get(kind)
 
     key = "heldout_accuracy" if kind is None else f"heldout_accuracy/{kind}"
-    pts = [(0, point(s["heldout_before"]))]
-    pts += [(r["step"], r[key]) for r in run["rows"] if isinstance(r.get(key), (int, float))]
-    pts.append((s["steps"], point(s["heldout_after"])))
-    return [(step, a) for step, a in dict(pts).items() if isinstance(a, (int, float))]
+    return heldout_points(run["rows"], key, point(s["heldout_before"]), point(s["heldout_after"]),
+                          s["steps"])
 
 
 def kinds(run: dict) -> list[str]:

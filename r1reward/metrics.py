@@ -75,6 +75,14 @@ class MetricsLogger:
             self._tb.close()
 
 
+def heldout_points(rows: list[dict], key: str, first, last, last_step: int) -> list[tuple[int, float]]:
+    """(RL step, held-out accuracy): ``first`` at step 0, the rows' ``key`` (every
+    ``--eval.every`` steps), ``last`` at ``last_step``; missing values are left out."""
+    held = [(0, first)] + [(r["step"], r.get(key)) for r in rows]
+    held.append((last_step, last))
+    return [(s, a) for s, a in held if isinstance(a, (int, float))]
+
+
 def plot_training_curves(run_dir: str | Path, before: float | None = None,
                          after: float | None = None, before_by_kind: dict | None = None,
                          after_by_kind: dict | None = None) -> Path | None:
@@ -112,10 +120,7 @@ def plot_training_curves(run_dir: str | Path, before: float | None = None,
     ax_a.plot(steps, running_mean("accuracy"), color="C1", label="rollout accuracy (mean of 10)")
     ax_a.plot(steps, running_mean("answer1_rate"), color="C2", ls=":", label='answer-"1" rate')
     def held_curve(key, first, last):
-        held = [(0, first)] + [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        if last is not None:
-            held.append((steps[-1], last))
-        return [(s, a) for s, a in held if isinstance(a, (int, float))]
+        return heldout_points(rows, key, first, last, steps[-1])
 
     held = held_curve("heldout_accuracy", before, after)
     if held:
