@@ -43,18 +43,19 @@ class SFTConfig:
     n_examples: int = 0
     # The tiny model learns the format in ~250 steps, the image's fact by ~600 and the
     # response-vs-image comparison late and abruptly, separately for colour and shape
-    # questions: with the careless teacher below, 2000 steps of 16 learned it for one of
-    # the two kinds (two runs, one each), 3000 for both.
-    steps: int = 3000
+    # questions; 2000 steps of 16 formed both on every seed tried since its images became
+    # 4 vision tokens, 1500 did not (docs/training_runs.md).
+    steps: int = 2000
     # Share of those steps spent first on a copy warm-up (generated pairs only; 0 = none):
     # pairs of the copy_warmup_on kinds shown with a blank image and a target that only
     # quotes each response's claim, so the model learns to read a claim from the right
     # response before the image's colour can stand in for it; the rest of the cold start
     # keeps the blank_judge_on pairs, blank image and full judgment, in the mix. Without
     # it the tiny model's colour comparison never formed on one box (docs/training_runs.md).
-    copy_warmup: float = 0.17
+    copy_warmup: float = 0.2
     # Question kinds the warm-up uses ("" = all). Colour alone: the copy formed in 250-375
-    # steps from colour pairs, in 700 to over 1200 with the shape pairs mixed in.
+    # steps from colour pairs (so 0.2 of 2000 = 400), in 700 to over 1200 with the shape
+    # pairs mixed in.
     copy_warmup_on: str = "color"
     # Question kinds whose full judgments join the rest of the cold start a second time,
     # on a blank image, when there is a warm-up ("" = all kinds).

@@ -28,7 +28,7 @@ from .prompt import format_judge_prompt, parse_judge_prompt
 # Bump whenever generate_dataset's output for given arguments changes, and put it in any
 # cache key of generated data, so stale caches are not reused.
 DATA_VERSION = "2"
-IMAGE_SIZE = 112  # = the tiny processor's max_pixels side: 8x8 patches -> 16 vision tokens
+IMAGE_SIZE = 112  # the tiny model's processor halves it (4 vision tokens); Qwen2.5-VL-7B sees 16
 BACKGROUND = (255, 255, 255)
 # Far-apart RGB values so a tiny vision tower separates them after a few minutes.
 COLORS = {

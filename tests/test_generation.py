@@ -19,7 +19,7 @@ def tiny(tiny_dir):
 def _pairs(tmp_path):
     # Different sizes (one oversized, one below min_pixels) -> different vision grids, and
     # different question lengths -> different prompt lengths to pad.
-    sizes = [(112, 112), (300, 150), (40, 40)]
+    sizes = [(112, 112), (300, 150), (20, 80)]
     pairs = []
     for i, (w, h) in enumerate(sizes):
         path = tmp_path / f"img{i}.png"
