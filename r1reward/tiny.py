@@ -51,7 +51,7 @@ CHAT_TEMPLATE = (
 
 BPE_VOCAB = 1200
 # Every image is resized to about 56x56 px: 4x4 patches, 2x2 merged vision tokens. With 16
-# tokens (112 px) a cold-start step cost ~15 % more and the cold start learnt no faster.
+# tokens (112 px) a cold-start step cost ~15 % more (docs/training_runs.md).
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 56 * 56
 
 
