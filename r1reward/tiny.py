@@ -22,7 +22,7 @@ from .prompt import JUDGE_PROMPT
 # Bump when anything below changes what gets written: old caches are then not reused.
 # 3: processor_config.json carries the video processor's config (AutoProcessor loads it).
 # 4: the tokenizer learns the analyses' new words (the fact's capitals, the verdicts).
-# 5: every image becomes 2x2 merged vision tokens (was up to 4x4).
+# 5: images are resized to 56*56 pixels' worth (a square one: 2x2 merged vision tokens, was 4x4).
 TINY_VERSION = "5"
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -50,8 +50,9 @@ CHAT_TEMPLATE = (
 )
 
 BPE_VOCAB = 1200
-# Every image is resized to about 56x56 px: 4x4 patches, 2x2 merged vision tokens. With 16
-# tokens (112 px) a cold-start step cost ~15 % more (docs/training_runs.md).
+# Images are resized to about 56*56 pixels (multiples of 28 px per side): a square one becomes
+# 4x4 patches, 2x2 merged vision tokens. With 16 tokens (112 px) a cold-start step cost ~15 %
+# more (docs/training_runs.md).
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 56 * 56
 
 
