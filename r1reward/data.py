@@ -203,6 +203,16 @@ def quoted_claims(pair: PreferencePair) -> str | None:
     return f"<think>Response 1 says {says[1]}. Response 2 says {says[2]}.</think>"
 
 
+def stated_fact(pair: PreferencePair) -> str | None:
+    """Only the asked fact, stated as the careful analysis states it: the target of the
+    cold start's reading examples (``r1reward.sft``). None for pairs without generated meta."""
+    kind = pair.meta.get("kind")
+    if kind not in ASPECT:
+        return None
+    return (f"<think>The question asks about the {ASPECT[kind]}. "
+            f"The image shows {image_fact(pair)}.</think>")
+
+
 def blank_image(*, cache: Path | None = None) -> Path:
     """A white IMAGE_SIZE PNG (built once under ``<cache>/data``): the copy warm-up shows
     it in place of the pair's image, so the image cannot stand in for a response's claim."""

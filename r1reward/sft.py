@@ -34,6 +34,7 @@ from r1reward.data import (
     load_pairs,
     parse_kinds,
     quoted_claims,
+    stated_fact,
     templated_analysis,
 )
 from r1reward.export import export_hf
@@ -92,6 +93,18 @@ def on_blank_image(examples: list[tuple[PreferencePair, str]], kinds: tuple[str,
         if quote_only:
             target = quoted_claims(p)
         out.append((dataclasses.replace(p, image=blank), target))
+    return out
+
+
+def reading_only(examples: list[tuple[PreferencePair, str]], kinds: tuple[str, ...]
+                 ) -> list[tuple[PreferencePair, str]]:
+    """Generated pairs of ``kinds`` with both responses emptied and a target that only
+    states the asked fact (:func:`r1reward.data.stated_fact`): the fact can then only come
+    from the image, never from a copied claim. Pairs without generated meta are left out."""
+    out = []
+    for p, _ in examples:
+        if p.meta.get("kind") in kinds:
+            out.append((dataclasses.replace(p, response_1="", response_2=""), stated_fact(p)))
     return out
 
 
@@ -236,38 +249,51 @@ def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=Non
 
 def train_cold_start(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=None,
                      after_step=None) -> list[float]:
-    """``cfg.steps`` optimizer steps. With ``cfg.copy_warmup`` > 0 and generated pairs of
-    the ``cfg.copy_warmup_on`` kinds: first the copy warm-up, that share of the steps at a
+    """``cfg.steps`` optimizer steps. With ``cfg.read_warmup`` > 0, first that share on
+    reading the image alone (:func:`reading_only`). With ``cfg.copy_warmup`` > 0 and
+    generated pairs of the ``cfg.copy_warmup_on`` kinds: then the copy warm-up, that share of the steps at a
     constant LR on those pairs with a blank image and quote-only targets; then the cold
     start proper on the examples plus the pairs of the ``cfg.blank_judge_on`` kinds with a
     blank image and their full judgments. Without the blank-image judgments in the mix,
     the image's colour took the copy's place again, or the comparison with the stated fact
-    never formed, in the seeds probed (docs/training_runs.md). Returns the losses of both
-    phases; ``after_step`` sees one step count through both."""
+    never formed, in the seeds probed (docs/training_runs.md). Returns the losses of every
+    phase; ``after_step`` sees one step count through all of them."""
     log = log or logger.info
     kinds = parse_kinds(cfg.copy_warmup_on)
     warm = on_blank_image(examples, kinds, quote_only=True) if cfg.copy_warmup > 0 else []
     if cfg.copy_warmup > 0 and not warm:
         log("sft: no generated pairs to quote, so no copy warm-up")
     n_warm = warmup_steps(cfg) if warm else 0
+    reading = reading_only(examples, parse_kinds(cfg.read_on)) if cfg.read_warmup > 0 else []
+    n_read = reading_steps(cfg, n_warm) if reading else 0
     losses: list[float] = []
+    if n_read:
+        log(f"sft: reading warm-up, {n_read} of {cfg.steps} steps on {len(reading)} examples")
+        losses += train_sft(model, processor, reading, dataclasses.replace(cfg, steps=n_read),
+                            seed=seed, log=log, after_step=after_step, decay=False)
     mix = list(examples)
     if n_warm:
         log(f"sft: copy warm-up, {n_warm} of {cfg.steps} steps on {len(warm)} blank-image examples")
         # constant LR: the copy forms abruptly, a few hundred steps in
         losses += train_sft(model, processor, warm, dataclasses.replace(cfg, steps=n_warm),
-                            seed=seed, log=log, after_step=after_step, decay=False)
+                            seed=seed, log=log, decay=False, after_step=None if after_step is None
+                            else (lambda step, ls: after_step(n_read + step, losses + ls)))
         mix += on_blank_image(examples, parse_kinds(cfg.blank_judge_on))
     hook = None if after_step is None else \
-        (lambda step, ls: after_step(n_warm + step, losses + ls))
+        (lambda step, ls: after_step(n_read + n_warm + step, losses + ls))
     return losses + train_sft(model, processor, mix,
-                              dataclasses.replace(cfg, steps=cfg.steps - n_warm), seed=seed,
+                              dataclasses.replace(cfg, steps=cfg.steps - n_read - n_warm), seed=seed,
                               log=log, after_step=hook)
 
 
 def warmup_steps(cfg: SFTConfig) -> int:
     """Steps of the copy warm-up out of ``cfg.steps`` (at least one is left for the rest)."""
     return min(round(cfg.copy_warmup * cfg.steps), max(cfg.steps - 1, 0))
+
+
+def reading_steps(cfg: SFTConfig, n_warm: int) -> int:
+    """Steps of the reading warm-up, given the copy warm-up's (one is left for the rest)."""
+    return max(0, min(round(cfg.read_warmup * cfg.steps), cfg.steps - n_warm - 1))
 
 
 def _file_digest(path: Path, h) -> None:

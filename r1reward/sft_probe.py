@@ -92,7 +92,9 @@ def probe(out: Path, cfg: SFTConfig, *, every: int, kinds: tuple[str, ...], n_tr
     out.mkdir(parents=True, exist_ok=True)
     sink = open(out / "probe.jsonl", "w", encoding="utf-8")
 
-    ends = {sft.warmup_steps(cfg), cfg.steps}  # the warm-up's last step and the last
+    n_warm = sft.warmup_steps(cfg)
+    n_read = sft.reading_steps(cfg, n_warm)
+    ends = {n_read, n_read + n_warm, cfg.steps} - {0}  # each warm-up's last step and the last
 
     def checkpoint(step: int, losses: list[float]) -> None:
         if step % every and step not in ends:
@@ -149,6 +151,10 @@ def main(argv=None) -> None:
                    help='question kinds the copy warm-up quotes ("" = all)')
     p.add_argument("--blank-judge-on", default=d.blank_judge_on,
                    help='question kinds whose judgments join the mix again on a blank image ("" = all)')
+    p.add_argument("--read-on", default=d.read_on,
+                   help='question kinds whose pairs also teach reading the image alone ("" = none)')
+    p.add_argument("--read-warmup", type=float, default=d.read_warmup,
+                   help="share of --steps spent first on reading the image alone (0 = none)")
     p.add_argument("--kinds", default=dd.kinds, help="question kinds of the generated set")
     p.add_argument("--n-train", type=int, default=dd.n_train)
     p.add_argument("--n-heldout", type=int, default=96, help="held-out pairs judged per reading")
@@ -164,17 +170,20 @@ def main(argv=None) -> None:
         return set(parse_kinds(spec)) <= set(KINDS)
 
     for name, ok in (("--steps", a.steps >= 1), ("--copy-warmup", 0 <= a.copy_warmup < 1),
+                     ("--read-warmup", 0 <= a.read_warmup < 1),
                      ("--every", a.every >= 1),
                      ("--n-heldout", a.n_heldout >= 1), ("--n-train", a.n_train >= 1),
                      ("--guess-rate", 0 <= a.guess_rate <= 1), ("--lr", a.lr > 0),
                      ("--kinds", bool(kinds) and known(a.kinds)),
                      ("--copy-warmup-on", known(a.copy_warmup_on)),
-                     ("--blank-judge-on", known(a.blank_judge_on))):
+                     ("--blank-judge-on", known(a.blank_judge_on)),
+                     ("--read-on", known(a.read_on))):
         if not ok:
             p.error(f"{name}: invalid value")
     cfg = SFTConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, guess_rate=a.guess_rate,
                     guess_on=a.guess_on, copy_warmup=a.copy_warmup,
-                    copy_warmup_on=a.copy_warmup_on, blank_judge_on=a.blank_judge_on)
+                    copy_warmup_on=a.copy_warmup_on, blank_judge_on=a.blank_judge_on,
+                    read_on=a.read_on, read_warmup=a.read_warmup)
     rows = probe(Path(a.output), cfg, every=a.every, kinds=kinds, n_train=a.n_train,
                  n_heldout=a.n_heldout, seed=a.seed)
     print(table(rows))

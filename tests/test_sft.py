@@ -168,6 +168,22 @@ def test_blank_image_examples_quote_each_claim_or_keep_the_judgment(pairs):
         assert p.meta["wrong"] in claims(p)[3 - p.preferred]
 
 
+def test_reading_examples_hide_the_claims_and_state_only_the_fact(pairs):
+    from r1reward.data import PreferencePair, image_fact
+    from r1reward.sft import reading_only
+    ex = templated_examples(pairs[0], 6, seed=0)
+    release = PreferencePair("r", pairs[0][0].image, "q", "a", "b", 1)  # no generated meta
+    read = reading_only(ex + [(release, "<think>x</think><answer>1</answer>")], ("color", "shape"))
+    assert len(read) == 6
+    for (p, _), (r, target) in zip(ex, read):
+        assert (r.response_1, r.response_2) == ("", "") and r.image == p.image
+        assert target.endswith(f"The image shows {image_fact(p)}.</think>")
+        assert p.meta["wrong"].upper() not in target and "<answer>" not in target
+    colour = reading_only(ex, ("color",))
+    assert colour and {r.meta["kind"] for r, _ in colour} == {"color"} and len(colour) < len(read)
+    assert reading_only(ex, ()) == []
+
+
 @pytest.mark.parametrize("share,steps,warm", [(0.4, 10, 4), (0.0, 10, 0), (0.5, 1, 0), (0.9, 2, 1)])
 def test_the_warmup_takes_its_share_of_the_steps(share, steps, warm):
     from r1reward.sft import warmup_steps
@@ -188,7 +204,8 @@ def test_cold_start_runs_the_warmup_then_the_judgments(pairs, tiny_dir, monkeypa
     model, processor = load_model_and_processor(tiny_dir)
     ex = templated_examples(pairs[0], 4, seed=0)
     steps = []
-    cfg = SFTConfig(steps=5, batch_size=2, copy_warmup=0.4, copy_warmup_on="", blank_judge_on="")
+    cfg = SFTConfig(steps=5, batch_size=2, copy_warmup=0.4, copy_warmup_on="", blank_judge_on="",
+                    read_warmup=0.0)
     losses = sft.train_cold_start(model, processor, ex, cfg,
                                   after_step=lambda s, ls: steps.append((s, len(ls))))
     assert [n for _, n in seen] == [2, 3] and len(losses) == 5
@@ -205,6 +222,15 @@ def test_cold_start_runs_the_warmup_then_the_judgments(pairs, tiny_dir, monkeypa
         sft.train_cold_start(model, processor, ex, dataclasses.replace(cfg, blank_judge_on=only),
                              log=lambda _: None)
         assert seen[1][0] == [t for _, t in ex] + [t for p, t in ex if p.meta["kind"] == only]
+    # the reading warm-up comes first, on the images with the responses emptied
+    seen.clear()
+    steps.clear()
+    sft.train_cold_start(model, processor, ex, dataclasses.replace(cfg, steps=6, read_warmup=0.34),
+                         log=lambda _: None, after_step=lambda s, ls: steps.append((s, len(ls))))
+    assert [n for _, n in seen] == [2, 2, 2]
+    assert seen[0][0] == [t for _, t in sft.reading_only(ex, ("color", "shape"))]
+    assert all(t.endswith(".</think>") and "Response" not in t for t in seen[0][0])
+    assert steps == [(s, s) for s in range(1, 7)]
     # release-format pairs: nothing to quote, every step is the cold start proper
     seen.clear()
     bare = [(dataclasses.replace(p, meta={}), t) for p, t in ex]
