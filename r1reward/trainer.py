@@ -591,8 +591,8 @@ class Trainer:
         """Back to the latest checkpoint with a lower learning rate."""
         self.recovery.lr_scale *= self.cfg.health.lr_backoff
         path = self.restore_latest(keep=("recovery",))
-        log.warning("step %d: %s; rolled back to %s with lr x%g", step, decision, path,
-                    self.recovery.lr_scale)
+        where = f"rolled back to {path}" if path else "no checkpoint to roll back to, weights kept"
+        log.warning("step %d: %s; %s, lr x%g", step, decision, where, self.recovery.lr_scale)
         if self.bar is not None:
             self.bar.n = self.progress.step
             self.bar.refresh()
