@@ -108,29 +108,70 @@ def head_call(model: nn.Module, batch: SeqBatch, **request):
     """Run the model's own forward with only the response positions reaching the lm_head.
 
     ``logits_to_keep`` (a tensor of positions) makes HF slice the final hidden states to
-    the R positions that predict response tokens before calling ``lm_head``; ``request``
+    the positions that predict response tokens before calling ``lm_head``; ``request``
     (targets, old_logp, …) is handed to :class:`FusedLMHead`'s forward as keyword
     arguments by a forward pre-hook that lives only for this call, so the head returns
     log-probs or the loss there instead of logits. Going through ``model(...)`` rather
     than ``model.model`` keeps the FSDP2 root's hooks (lazy init, unsharding the
     embeddings) in play.
+
+    The forward runs without a padding mask (:func:`causal_layout`): each row's left
+    padding is moved behind its last token, so causal attention alone keeps every real
+    token from seeing a pad, and SDPA takes its ``is_causal`` path (no ``[B, 1, T, T]``
+    mask to build and read: ~4× faster attention for the tiny model on CPU).
     """
     p, r = batch.prompt_len, batch.response_ids.shape[1]
-    keep = torch.arange(p - 1, p - 1 + r, device=batch.input_ids.device)
     head = model.lm_head
     if not isinstance(head, FusedLMHead):
         raise TypeError("head_call needs FusedLMHead.install(model) first")
+    layout = causal_layout(batch)
+    if layout is None:  # a mask with holes inside a row: keep it
+        inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      **batch.vision)
+        keep, take = torch.arange(p - 1, p - 1 + r, device=batch.input_ids.device), None
+    else:
+        inputs, shift = layout
+        # Rows now start their response `shift` positions early: keep the span covering
+        # every row, then take each row's own r positions from it.
+        top = int(shift.max())
+        keep = torch.arange(p - 1 - top, p - 1 + r, device=batch.input_ids.device)
+        take = (top - shift)[:, None] + torch.arange(r, device=shift.device)
 
     def add_request(_module, args, kwargs):
+        if take is not None:
+            hidden = args[0]
+            args = (hidden.gather(1, take[..., None].expand(-1, -1, hidden.shape[-1])),)
         return args, {**kwargs, **request}
 
     handle = head.register_forward_pre_hook(add_request, with_kwargs=True)
     try:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    logits_to_keep=keep, use_cache=False, **batch.vision)
+        out = model(**inputs, logits_to_keep=keep, use_cache=False)
     finally:
         handle.remove()
     return out.logits  # what FusedLMHead returned for the request
+
+
+def causal_layout(batch: SeqBatch):
+    """``(inputs, shift)``: the batch's per-token inputs with each row rolled left by its
+    count of leading pads (``shift`` ``[B]``), and no attention mask; ``None`` when a row's
+    mask is not ``0…0 1…1 0…0`` (its real tokens must be contiguous for this to be exact).
+
+    The pads end up after the row's last real token, where causal attention hides them
+    from every real token; positions (Qwen2.5-VL's 3-D RoPE included) are computed from
+    the row's first real token on, as with the mask.
+    """
+    mask = batch.attention_mask.bool()
+    starts = (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0]
+    if bool((starts > 1).any()) or not bool(mask.any(1).all()):
+        return None
+    shift = (~mask).long().cumprod(1).sum(1)  # leading pads per row
+    t = mask.shape[1]
+    idx = (torch.arange(t, device=mask.device)[None, :] + shift[:, None]) % t
+    inputs = {"input_ids": batch.input_ids.gather(1, idx)}
+    for k, v in batch.vision.items():
+        per_token = torch.is_tensor(v) and v.dim() == 2 and v.shape == mask.shape
+        inputs[k] = v.gather(1, idx) if per_token else v
+    return inputs, shift
 
 
 class FusedLMHead(nn.Linear):
