@@ -138,3 +138,15 @@ def test_cpu_sweep_runs_and_writes_rows(tmp_path, monkeypatch):
     rows = [_json.loads(x) for x in (tmp_path / "cpu_sweep.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["exact_status"] == "ok" and rows[0]["filtered_status"] == "ok"
     assert rows[0]["bound_s"] > 0 and rows[0]["exact_s"] > 0 and "meets_memory" in rows[0]
+
+
+def test_train_step_bench_times_both_layouts_and_restores_the_trainer(capsys):
+    from bench import train_step
+    from r1reward import logprobs
+
+    real = logprobs.causal_layout
+    train_step.main(["--batches", "1", "--batch-size", "2", "--rounds", "1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["layout"] for r in rows] == ["padding mask", "causal layout"]
+    assert all(r["ms_per_step_min"] > 0 and r["rounds"] == 1 for r in rows)
+    assert logprobs.causal_layout is real
