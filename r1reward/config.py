@@ -44,7 +44,8 @@ class SFTConfig:
     # The tiny model learns the format in ~250 steps, the image's fact by ~600 and the
     # response-vs-image comparison late and abruptly, separately for colour and shape
     # questions. With 4 vision tokens, 2000 steps of 16 formed both on 2 of 2 screened seeds
-    # and 2 of 3 default runs on one box, 1500 fell short (docs/training_runs.md).
+    # and 2 of 3 default runs on one box, 1 of 3 on another; 1500 fell short, and 3000
+    # formed only one of the two on each seed that had missed one (docs/training_runs.md).
     steps: int = 2000
     # Share of those steps spent first on a copy warm-up (generated pairs only; 0 = none):
     # pairs of the copy_warmup_on kinds shown with a blank image and a target that only
