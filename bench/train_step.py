@@ -67,10 +67,10 @@ def measure(n_batches: int = 8, batch_size: int = 16, rounds: int = 8) -> list[d
                     times[name].append((time.perf_counter() - t) / len(batches) * 1e3)
     finally:
         logprobs.causal_layout = real
-    tokens = statistics.mean(int(b.attention_mask.shape[1]) for b in batches)
+    columns = statistics.mean(b.attention_mask.shape[1] for b in batches)
     return [{"layout": k, "ms_per_step_min": min(v), "ms_per_step_median": statistics.median(v),
              "rounds": len(v), "batch_size": batch_size, "batches": n_batches,
-             "columns": tokens, "threads": torch.get_num_threads()} for k, v in times.items()]
+             "columns": columns, "threads": torch.get_num_threads()} for k, v in times.items()]
 
 
 def main(argv=None) -> None:

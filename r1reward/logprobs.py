@@ -117,8 +117,8 @@ def head_call(model: nn.Module, batch: SeqBatch, **request):
 
     The forward runs without a padding mask (:func:`causal_layout`): each row's left
     padding is moved behind its last token, so causal attention alone keeps every real
-    token from seeing a pad, and SDPA takes its ``is_causal`` path (no ``[B, 1, T, T]``
-    mask to build and read: ~4× faster attention for the tiny model on CPU).
+    token from seeing a pad, and SDPA takes its ``is_causal`` path with no ``[B, 1, T, T]``
+    mask to build and convert (``python -m bench.train_step`` times both layouts).
     """
     p, r = batch.prompt_len, batch.response_ids.shape[1]
     head = model.lm_head
@@ -154,7 +154,8 @@ def head_call(model: nn.Module, batch: SeqBatch, **request):
 def causal_layout(batch: SeqBatch):
     """``(inputs, shift)``: the batch's per-token inputs with each row rolled left by its
     count of leading pads (``shift`` ``[B]``), and no attention mask; ``None`` when a row's
-    mask is not ``0…0 1…1 0…0`` (its real tokens must be contiguous for this to be exact).
+    mask is not ``0…0 1…1 0…0`` with a real prompt token (its real tokens must be
+    contiguous for this to be exact).
 
     The pads end up after the row's last real token, where causal attention hides them
     from every real token; positions (Qwen2.5-VL's 3-D RoPE included) are computed from
@@ -162,9 +163,9 @@ def causal_layout(batch: SeqBatch):
     """
     mask = batch.attention_mask.bool()
     starts = (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0]
-    if bool((starts > 1).any()) or not bool(mask.any(1).all()):
-        return None
     shift = (~mask).long().cumprod(1).sum(1)  # leading pads per row
+    if bool(((starts > 1) | (shift >= batch.prompt_len)).any()):  # one host sync
+        return None
     t = mask.shape[1]
     idx = (torch.arange(t, device=mask.device)[None, :] + shift[:, None]) % t
     inputs = {"input_ids": batch.input_ids.gather(1, idx)}
