@@ -61,6 +61,10 @@ class SFTConfig:
     # Question kinds whose full judgments join the rest of the cold start a second time,
     # on a blank image, when there is a warm-up ("" = all kinds).
     blank_judge_on: str = "color"
+    # Train the image's fact as the blank-image judgments state it (False: those tokens
+    # carry no loss). A blank image cannot show it, so the trained target is one of the two
+    # claims: stating a response's claim as the image's fact.
+    blank_fact_loss: bool = True
     # Share of the steps spent before the copy warm-up on reading the image alone (0 =
     # none): pairs of the read_on kinds with their image, both responses emptied and a
     # target that only states the asked fact, so the fact cannot be copied from a claim.

@@ -31,6 +31,7 @@ from r1reward.data import (
     blank_image,
     generated_split,
     guessed_analysis,
+    image_fact,
     load_pairs,
     parse_kinds,
     quoted_claims,
@@ -78,13 +79,29 @@ def examples_for(pairs: list[PreferencePair], cfg: SFTConfig, seed: int
     return templated_examples(pairs, cfg.n_examples, seed, cfg.guess_rate, guess_on)
 
 
+class Target(str):
+    """A target text whose ``unsupervised`` character spans are shown to the model but
+    carry no loss (it reads them, teacher-forced, and is not trained to write them)."""
+
+    unsupervised: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def masked(cls, text: str, spans) -> Target:
+        t = cls(text)
+        t.unsupervised = tuple(spans)
+        return t
+
+
 def on_blank_image(examples: list[tuple[PreferencePair, str]], kinds: tuple[str, ...] = (),
-                   quote_only: bool = False) -> list[tuple[PreferencePair, str]]:
+                   quote_only: bool = False, fact_loss: bool = True
+                   ) -> list[tuple[PreferencePair, str]]:
     """Generated pairs (of ``kinds``, when given) shown with a blank image, so a response's
     claim can only be read from the response. With ``quote_only`` the target only quotes
     each claim (:func:`r1reward.data.quoted_claims`: the copy warm-up); otherwise it is
     the example's own judgment, whose verdicts then follow from the quotes and the stated
-    fact alone. Pairs without generated meta (release data) are left out."""
+    fact alone. With ``fact_loss`` off, the stated fact carries no loss (a blank image
+    cannot show it: trained, it teaches stating a response's claim as the image's fact).
+    Pairs without generated meta (release data) are left out."""
     blank = str(blank_image())
     out = []
     for p, target in examples:
@@ -92,6 +109,11 @@ def on_blank_image(examples: list[tuple[PreferencePair, str]], kinds: tuple[str,
             continue
         if quote_only:
             target = quoted_claims(p)
+        elif not fact_loss:
+            fact = image_fact(p)
+            at = target.find(fact)
+            if at >= 0:
+                target = Target.masked(target, [(at, at + len(fact))])
         out.append((dataclasses.replace(p, image=blank), target))
     return out
 
@@ -156,10 +178,11 @@ def make_batch(processor, examples: list[tuple[PreferencePair, str]], device,
     tok = processor.tokenizer
     eot = end_of_turn_id(tok)
     memo = {} if encoded is None else encoded
-    for _, t in examples:
-        if t not in memo:
-            memo[t] = tok(t, add_special_tokens=False)["input_ids"]
-    ids = [memo[t] + [eot] for _, t in examples]
+    keys = [(str(t), getattr(t, "unsupervised", ())) for _, t in examples]
+    for key in keys:
+        if key not in memo:
+            memo[key] = encode_target(tok, *key)
+    ids = [memo[k][0] + [eot] for k in keys]
     width = max(map(len, ids))
     pad = tok.pad_token_id if tok.pad_token_id is not None else eot
     resp = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -168,7 +191,25 @@ def make_batch(processor, examples: list[tuple[PreferencePair, str]], device,
         resp[i, :len(row)] = torch.tensor(row)
         mask[i, :len(row)] = 1
     seqs = torch.cat([prompt["input_ids"], resp.to(device)], 1)
-    return build_seq_batch(prompt, seqs, prompt["input_ids"].shape[1], mask.to(device))
+    batch = build_seq_batch(prompt, seqs, prompt["input_ids"].shape[1], mask.to(device))
+    if any(k[1] for k in keys):  # the attention mask is built: only the loss mask changes
+        loss_mask = mask.clone()
+        for i, k in enumerate(keys):
+            for j in memo[k][1]:
+                loss_mask[i, j] = 0
+        batch = dataclasses.replace(batch, response_mask=loss_mask.to(device))
+    return batch
+
+
+def encode_target(tok, text: str, unsupervised=()) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` and the indices of those that overlap an ``unsupervised``
+    character span."""
+    if not unsupervised:
+        return tok(text, add_special_tokens=False)["input_ids"], []
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    skip = [j for j, (s, e) in enumerate(enc["offset_mapping"])
+            if any(s < hi and e > lo for lo, hi in unsupervised)]
+    return enc["input_ids"], skip
 
 
 class PromptCache:
@@ -278,7 +319,8 @@ def train_cold_start(model, processor, examples, cfg: SFTConfig, seed: int = 0, 
         losses += train_sft(model, processor, warm, dataclasses.replace(cfg, steps=n_warm),
                             seed=seed, log=log, decay=False, after_step=None if after_step is None
                             else (lambda step, ls: after_step(n_read + step, losses + ls)))
-        mix += on_blank_image(examples, parse_kinds(cfg.blank_judge_on))
+        mix += on_blank_image(examples, parse_kinds(cfg.blank_judge_on),
+                              fact_loss=cfg.blank_fact_loss)
     hook = None if after_step is None else \
         (lambda step, ls: after_step(n_read + n_warm + step, losses + ls))
     return losses + train_sft(model, processor, mix,

@@ -151,6 +151,8 @@ def main(argv=None) -> None:
                    help='question kinds the copy warm-up quotes ("" = all)')
     p.add_argument("--blank-judge-on", default=d.blank_judge_on,
                    help='question kinds whose judgments join the mix again on a blank image ("" = all)')
+    p.add_argument("--blank-fact-loss", type=int, choices=(0, 1), default=int(d.blank_fact_loss),
+                   help="1: train the fact the blank-image judgments state; 0: no loss on it")
     p.add_argument("--read-on", default=d.read_on,
                    help='question kinds whose pairs also teach reading the image alone ("" = none)')
     p.add_argument("--read-warmup", type=float, default=d.read_warmup,
@@ -183,6 +185,7 @@ def main(argv=None) -> None:
     cfg = SFTConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, guess_rate=a.guess_rate,
                     guess_on=a.guess_on, copy_warmup=a.copy_warmup,
                     copy_warmup_on=a.copy_warmup_on, blank_judge_on=a.blank_judge_on,
+                    blank_fact_loss=bool(a.blank_fact_loss),
                     read_on=a.read_on, read_warmup=a.read_warmup)
     rows = probe(Path(a.output), cfg, every=a.every, kinds=kinds, n_train=a.n_train,
                  n_heldout=a.n_heldout, seed=a.seed)

@@ -131,7 +131,7 @@ def test_make_batch_with_a_target_memo_builds_the_same_batch_and_tokenizes_once(
     want, got = make_batch(proc, ex, "cpu"), make_batch(proc, ex, "cpu", encoded=memo)
     for f in ("input_ids", "attention_mask", "response_ids", "response_mask"):
         assert torch.equal(getattr(got, f), getattr(want, f)), f
-    assert set(memo) == {t for _, t in ex}
+    assert set(memo) == {(t, ()) for _, t in ex}
     prompt = build_prompt_inputs(proc, [p for p, _ in ex])
     calls = []  # the targets' tokenizer calls (the prompt is built above)
     real = proc.tokenizer.__class__.__call__
@@ -166,6 +166,33 @@ def test_blank_image_examples_quote_each_claim_or_keep_the_judgment(pairs):
     for p, _ in ex:
         assert p.meta["truth"] in claims(p)[p.preferred]
         assert p.meta["wrong"] in claims(p)[3 - p.preferred]
+
+
+def test_blank_judgments_without_fact_loss_show_the_fact_but_do_not_train_it(pairs, tiny_dir):
+    import torch
+
+    from r1reward.data import image_fact
+    from r1reward.logprobs import FusedLMHead, head_call, sft_loss
+    from r1reward.model import load_model_and_processor
+    from r1reward.sft import make_batch, on_blank_image
+
+    ex = templated_examples(pairs[0], 8, seed=0)
+    kept, masked = on_blank_image(ex), on_blank_image(ex, fact_loss=False)
+    assert [t for _, t in masked] == [t for _, t in kept]  # the same text is shown
+    model, proc = load_model_and_processor(tiny_dir)
+    full, part = make_batch(proc, kept[:4], "cpu"), make_batch(proc, masked[:4], "cpu")
+    for f in ("input_ids", "attention_mask", "response_ids"):
+        assert torch.equal(getattr(part, f), getattr(full, f)), f
+    tok = proc.tokenizer
+    for i, (p, _) in enumerate(masked[:4]):
+        off = (full.response_mask[i] == 1) & (part.response_mask[i] == 0)
+        assert tok.decode(full.response_ids[i][off]).strip() == image_fact(p)
+    FusedLMHead.install(model)
+    with torch.no_grad():
+        lp = head_call(model, full, targets=full.response_ids)
+        m = part.response_mask.float()
+        assert torch.allclose(sft_loss(model, part), -(lp * m).sum() / m.sum(), atol=1e-6)
+        assert not torch.allclose(sft_loss(model, part), sft_loss(model, full), atol=1e-4)
 
 
 def test_reading_examples_hide_the_claims_and_state_only_the_fact(pairs):
