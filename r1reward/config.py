@@ -58,6 +58,10 @@ class SFTConfig:
     # steps from colour pairs (so 0.2 of 2000 = 400), in 700 to over 1200 with the shape
     # pairs mixed in.
     copy_warmup_on: str = "color"
+    # The warm-up's targets: False = only the quotes; True = the full judgments, their
+    # stated fact shown but carrying no loss, so the comparison of each quote with the
+    # stated fact is learnt on text alone too.
+    copy_warmup_judge: bool = False
     # Question kinds whose full judgments join the rest of the cold start a second time,
     # on a blank image, when there is a warm-up ("" = all kinds).
     blank_judge_on: str = "color"

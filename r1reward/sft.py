@@ -301,7 +301,8 @@ def train_cold_start(model, processor, examples, cfg: SFTConfig, seed: int = 0, 
     phase; ``after_step`` sees one step count through all of them."""
     log = log or logger.info
     kinds = parse_kinds(cfg.copy_warmup_on)
-    warm = on_blank_image(examples, kinds, quote_only=True) if cfg.copy_warmup > 0 else []
+    warm = on_blank_image(examples, kinds, quote_only=not cfg.copy_warmup_judge, fact_loss=False) \
+        if cfg.copy_warmup > 0 else []
     if cfg.copy_warmup > 0 and not warm:
         log("sft: no generated pairs to quote, so no copy warm-up")
     n_warm = warmup_steps(cfg) if warm else 0

@@ -151,6 +151,8 @@ def main(argv=None) -> None:
                    help='question kinds the copy warm-up quotes ("" = all)')
     p.add_argument("--blank-judge-on", default=d.blank_judge_on,
                    help='question kinds whose judgments join the mix again on a blank image ("" = all)')
+    p.add_argument("--copy-warmup-judge", type=int, choices=(0, 1), default=int(d.copy_warmup_judge),
+                   help="1: the copy warm-up's targets are full judgments (no loss on the fact)")
     p.add_argument("--blank-fact-loss", type=int, choices=(0, 1), default=int(d.blank_fact_loss),
                    help="1: train the fact the blank-image judgments state; 0: no loss on it")
     p.add_argument("--read-on", default=d.read_on,
@@ -186,6 +188,7 @@ def main(argv=None) -> None:
                     guess_on=a.guess_on, copy_warmup=a.copy_warmup,
                     copy_warmup_on=a.copy_warmup_on, blank_judge_on=a.blank_judge_on,
                     blank_fact_loss=bool(a.blank_fact_loss),
+                    copy_warmup_judge=bool(a.copy_warmup_judge),
                     read_on=a.read_on, read_warmup=a.read_warmup)
     rows = probe(Path(a.output), cfg, every=a.every, kinds=kinds, n_train=a.n_train,
                  n_heldout=a.n_heldout, seed=a.seed)
