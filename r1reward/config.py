@@ -58,17 +58,19 @@ class SFTConfig:
     # steps from colour pairs (so 0.2 of 2000 = 400), in 700 to over 1200 with the shape
     # pairs mixed in.
     copy_warmup_on: str = "color"
-    # The warm-up's targets: False = only the quotes; True = the full judgments, their
-    # stated fact shown but carrying no loss, so the comparison of each quote with the
-    # stated fact is learnt on text alone too.
-    copy_warmup_judge: bool = False
+    # The warm-up's targets: False = only the quotes; True = the full judgments with their
+    # stated fact shown but carrying no loss, so each quote's comparison with the stated
+    # fact is learnt from text before the image can stand in for it. With it and
+    # blank_fact_loss off, one-thread screens of seeds 3-6 formed the colour comparison
+    # on 4 of 4 (quotes only, fact trained: 1 of 4; docs/training_runs.md).
+    copy_warmup_judge: bool = True
     # Question kinds whose full judgments join the rest of the cold start a second time,
     # on a blank image, when there is a warm-up ("" = all kinds).
     blank_judge_on: str = "color"
-    # Train the image's fact as the blank-image judgments state it (False: those tokens
-    # carry no loss). A blank image cannot show it, so the trained target is one of the two
-    # claims: stating a response's claim as the image's fact.
-    blank_fact_loss: bool = True
+    # Train the image's fact as the blank-image judgments state it. A blank image cannot
+    # show it, so the trained target is one of the two claims: it teaches stating a
+    # response's claim as the image's fact, the copy that kept colour from forming.
+    blank_fact_loss: bool = False
     # Share of the steps spent before the copy warm-up on reading the image alone (0 =
     # none): pairs of the read_on kinds with their image, both responses emptied and a
     # target that only states the asked fact, so the fact cannot be copied from a claim.

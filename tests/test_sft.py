@@ -219,6 +219,7 @@ def test_the_warmup_takes_its_share_of_the_steps(share, steps, warm):
 
 def test_cold_start_runs_the_warmup_then_the_judgments(pairs, tiny_dir, monkeypatch):
     from r1reward import sft
+    from r1reward.data import image_fact
     from r1reward.model import load_model_and_processor
     seen = []
     real = sft.train_sft
@@ -232,7 +233,7 @@ def test_cold_start_runs_the_warmup_then_the_judgments(pairs, tiny_dir, monkeypa
     ex = templated_examples(pairs[0], 4, seed=0)
     steps = []
     cfg = SFTConfig(steps=5, batch_size=2, copy_warmup=0.4, copy_warmup_on="", blank_judge_on="",
-                    read_warmup=0.0)
+                    read_warmup=0.0, copy_warmup_judge=False, blank_fact_loss=False)
     losses = sft.train_cold_start(model, processor, ex, cfg,
                                   after_step=lambda s, ls: steps.append((s, len(ls))))
     assert [n for _, n in seen] == [2, 3] and len(losses) == 5
@@ -240,6 +241,16 @@ def test_cold_start_runs_the_warmup_then_the_judgments(pairs, tiny_dir, monkeypa
     assert warm and all("<answer>" not in t for t in warm)
     # then every judgment, plus every judgment again on the blank image (blank_judge_on "")
     assert rest == [t for _, t in ex] * 2
+    # the blank-image half shows the stated fact without training it; the image half trains it
+    facts = [image_fact(p) for p, _ in ex]
+    assert all(not getattr(t, "unsupervised", ()) for t in rest[:len(ex)])
+    assert [[t[a:b] for a, b in t.unsupervised] for t in rest[len(ex):]] == [[f] for f in facts]
+    # copy_warmup_judge: the warm-up trains the full judgments, again without the fact
+    seen.clear()
+    sft.train_cold_start(model, processor, ex, dataclasses.replace(cfg, copy_warmup_judge=True),
+                         log=lambda _: None)
+    assert seen[0][0] == [t for _, t in ex]
+    assert [[t[a:b] for a, b in t.unsupervised] for t in seen[0][0]] == [[f] for f in facts]
     assert steps == [(s, s) for s in range(1, 6)]  # one count through both phases
     # blank_judge_on picks the kinds whose judgments come back on the blank image
     kinds = {p.meta["kind"] for p, _ in ex}
