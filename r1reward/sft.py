@@ -292,10 +292,12 @@ def train_cold_start(model, processor, examples, cfg: SFTConfig, seed: int = 0, 
                      after_step=None) -> list[float]:
     """``cfg.steps`` optimizer steps. With ``cfg.read_warmup`` > 0, first that share on
     reading the image alone (:func:`reading_only`). With ``cfg.copy_warmup`` > 0 and
-    generated pairs of the ``cfg.copy_warmup_on`` kinds: then the copy warm-up, that share of the steps at a
-    constant LR on those pairs with a blank image and quote-only targets; then the cold
-    start proper on the examples plus the pairs of the ``cfg.blank_judge_on`` kinds with a
-    blank image and their full judgments. Without the blank-image judgments in the mix,
+    generated pairs of the ``cfg.copy_warmup_on`` kinds: then the copy warm-up, that share
+    of the steps at a constant LR on those pairs with a blank image, their judgments with
+    the stated fact shown but not trained (``cfg.copy_warmup_judge``; otherwise targets
+    that only quote the claims); then the cold start proper on the examples plus the pairs
+    of the ``cfg.blank_judge_on`` kinds with a blank image and their full judgments (the
+    fact trained only with ``cfg.blank_fact_loss``). Without the blank-image judgments in the mix,
     the image's colour took the copy's place again, or the comparison with the stated fact
     never formed, in the seeds probed (docs/training_runs.md). Returns the losses of every
     phase; ``after_step`` sees one step count through all of them."""
