@@ -48,9 +48,9 @@ class SFTConfig:
     # earlier recipes, and 3000 did not rescue a seed that had missed one (docs/training_runs.md).
     steps: int = 2000
     # Share of those steps spent first on a copy warm-up (generated pairs only; 0 = none):
-    # pairs of the copy_warmup_on kinds shown with a blank image and a target that only
-    # quotes each response's claim, so the model learns to read a claim from the right
-    # response before the image's colour can stand in for it; the rest of the cold start
+    # pairs of the copy_warmup_on kinds shown with a blank image (targets: copy_warmup_judge),
+    # so the model learns to read a claim from the right response before the image's
+    # colour can stand in for it; the rest of the cold start
     # keeps the blank_judge_on pairs, blank image and full judgment, in the mix. Without
     # it the tiny model's colour comparison never formed on one box (docs/training_runs.md).
     copy_warmup: float = 0.2
