@@ -44,15 +44,15 @@ class SFTConfig:
     # The tiny model learns the format in ~250 steps, the image's fact by ~600 and the
     # response-vs-image comparison late and abruptly, separately for colour and shape
     # questions. With 4 vision tokens and the warm-up below, 2000 steps of 16 formed both on
-    # 3 of 4 screened seeds and 2 of 3 default runs on one box; 1500 fell short of it with
+    # 3 of 4 screened seeds and 3 of 5 default runs on one box; 1500 fell short of it with
     # earlier recipes, and 3000 did not rescue a seed that had missed one (docs/training_runs.md).
     steps: int = 2000
     # Share of those steps spent first on a copy warm-up (generated pairs only; 0 = none):
     # pairs of the copy_warmup_on kinds shown with a blank image (targets: copy_warmup_judge),
     # so the model learns to read a claim from the right response before the image's
-    # colour can stand in for it; the rest of the cold start
-    # keeps the blank_judge_on pairs, blank image and full judgment, in the mix. Without
-    # it the tiny model's colour comparison never formed on one box (docs/training_runs.md).
+    # colour can stand in for it; the rest of the cold start keeps the blank_judge_on
+    # pairs, blank image and full judgment, in the mix. Without it the tiny model's colour
+    # comparison never formed on one box (docs/training_runs.md).
     copy_warmup: float = 0.2
     # Question kinds the warm-up uses ("" = all). Colour alone: the copy formed in 250-375
     # steps from colour pairs (so 0.2 of 2000 = 400), in 700 to over 1200 with the shape
