@@ -94,6 +94,9 @@ class SFTConfig:
     teacher_slip: float = 0.15
     batch_size: int = 16
     lr: float = 3e-3
+    # Share of the cold start proper (after the warm-ups) at a constant lr before the cosine
+    # decay to 0 (0 = cosine from the first step).
+    decay_from: float = 0.0
     weight_decay: float = 0.0
     # Seed of the cold start (example order, teacher coin flips); None = the run's --seed.
     # Fixing it lets RL seeds share one cold start (r1reward.experiments does).
@@ -431,6 +434,8 @@ def validate(cfg: JobConfig) -> JobConfig:
     need(s.steps >= 0 and s.batch_size >= 1 and s.lr > 0, "sft.steps/batch_size/lr",
          "need steps >= 0, batch_size >= 1, lr > 0")
     need(0 <= s.guess_rate <= 1, "sft.guess_rate", "must be in [0, 1]")
+    need(0 <= s.decay_from < 1, "sft.decay_from",
+         "must be in [0, 1): the share of the cold start at a constant lr before it decays")
     need(s.n_examples >= 0, "sft.n_examples", "must be >= 0 (0 = every training pair)")
     need(0 <= s.copy_warmup < 1, "sft.copy_warmup",
          "must be in [0, 1): the share of sft.steps spent on the copy warm-up")

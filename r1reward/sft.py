@@ -244,9 +244,18 @@ class PromptCache:
         return {k: v.to(device) for k, v in out.items()}
 
 
+def lr_factor(step: int, steps: int, decay_from: float = 0.0) -> float:
+    """The cold start's lr multiplier at ``step`` of ``steps``: 1 for the first
+    ``decay_from`` share of the steps, then a cosine down to 0 at the last step."""
+    flat = round(decay_from * steps)
+    if step < flat:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(step - flat, steps - flat) / max(steps - flat, 1)))
+
+
 def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=None,
               after_step=None, decay: bool = True) -> list[float]:
-    """Plain AdamW SFT (cosine LR, or constant with ``decay=False``) on the fused log-prob
+    """Plain AdamW SFT (LR from :func:`lr_factor`, or constant with ``decay=False``) on the fused log-prob
     path; returns per-step losses. ``after_step(step, losses)``, if given, is called after
     every optimizer step."""
     log = log or logger.info
@@ -257,8 +266,7 @@ def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=Non
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / max(cfg.steps, 1)))
-        if decay else 1.0)
+        opt, lambda s: lr_factor(s, cfg.steps, cfg.decay_from) if decay else 1.0)
     order: list[int] = []
     losses = []
     prompts, encoded = PromptCache(processor), {}

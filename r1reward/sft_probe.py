@@ -142,6 +142,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--every", type=int, default=250, help="SFT steps between held-out readings")
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--decay-from", type=float, default=d.decay_from,
+                   help="share of the cold start proper at a constant lr before the cosine decay")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--guess-rate", type=float, default=d.guess_rate)
     p.add_argument("--guess-on", default=d.guess_on)
@@ -175,6 +177,7 @@ def main(argv=None) -> None:
 
     for name, ok in (("--steps", a.steps >= 1), ("--copy-warmup", 0 <= a.copy_warmup < 1),
                      ("--read-warmup", 0 <= a.read_warmup < 1),
+                     ("--decay-from", 0 <= a.decay_from < 1),
                      ("--every", a.every >= 1),
                      ("--n-heldout", a.n_heldout >= 1), ("--n-train", a.n_train >= 1),
                      ("--guess-rate", 0 <= a.guess_rate <= 1), ("--lr", a.lr > 0),
@@ -184,7 +187,8 @@ def main(argv=None) -> None:
                      ("--read-on", known(a.read_on))):
         if not ok:
             p.error(f"{name}: invalid value")
-    cfg = SFTConfig(steps=a.steps, lr=a.lr, batch_size=a.batch_size, guess_rate=a.guess_rate,
+    cfg = SFTConfig(steps=a.steps, lr=a.lr, decay_from=a.decay_from, batch_size=a.batch_size,
+                    guess_rate=a.guess_rate,
                     guess_on=a.guess_on, copy_warmup=a.copy_warmup,
                     copy_warmup_on=a.copy_warmup_on, blank_judge_on=a.blank_judge_on,
                     blank_fact_loss=bool(a.blank_fact_loss),

@@ -217,6 +217,21 @@ def test_the_warmup_takes_its_share_of_the_steps(share, steps, warm):
     assert warmup_steps(SFTConfig(steps=steps, copy_warmup=share)) == warm
 
 
+def test_lr_holds_for_the_flat_share_then_decays_to_zero():
+    import math
+
+    from r1reward.sft import lr_factor
+    # decay_from 0 is the plain cosine over all the steps
+    assert [lr_factor(s, 8) for s in range(9)] == pytest.approx(
+        [0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(9)])
+    flat = [lr_factor(s, 10, 0.6) for s in range(11)]
+    assert flat[:6] == [1.0] * 6 and flat[6] == 1.0 and flat[-1] == pytest.approx(0.0)
+    assert all(a > b for a, b in zip(flat[6:], flat[7:]))  # strictly decreasing after the flat part
+    from r1reward.config import JobConfig, validate
+    with pytest.raises(ValueError, match="sft.decay_from"):
+        validate(dataclasses.replace(JobConfig(), sft=SFTConfig(decay_from=1.0)))
+
+
 def test_cold_start_runs_the_warmup_then_the_judgments(pairs, tiny_dir, monkeypatch):
     from r1reward import sft
     from r1reward.data import image_fact
