@@ -94,6 +94,11 @@ class SFTConfig:
     teacher_slip: float = 0.15
     batch_size: int = 16
     lr: float = 3e-3
+    # Images per example in the cold start proper: 1 = the pair's own; n > 1 = the pair's
+    # own and n - 1 others drawn afresh with the same facts (another size and place), shown in
+    # turn, so the tiny vision tower cannot tell the training images apart by heart (the
+    # blank-image examples keep their blank image).
+    image_variants: int = 1
     # Share of the cold start proper (after the warm-ups) at a constant lr before the cosine
     # decay to 0 (0 = cosine from the first step).
     decay_from: float = 0.0
@@ -434,6 +439,7 @@ def validate(cfg: JobConfig) -> JobConfig:
     need(s.steps >= 0 and s.batch_size >= 1 and s.lr > 0, "sft.steps/batch_size/lr",
          "need steps >= 0, batch_size >= 1, lr > 0")
     need(0 <= s.guess_rate <= 1, "sft.guess_rate", "must be in [0, 1]")
+    need(s.image_variants >= 1, "sft.image_variants", "must be >= 1 (1 = each pair's own image)")
     need(0 <= s.decay_from < 1, "sft.decay_from",
          "must be in [0, 1): the share of the cold start at a constant lr before it decays")
     need(s.n_examples >= 0, "sft.n_examples", "must be >= 0 (0 = every training pair)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -257,36 +258,67 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
 
 def _sample(rng: random.Random, kind: str) -> tuple[Image.Image, dict]:
     shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+    if kind == "count":
+        truth, values = NUMBER_WORDS[rng.randint(1, len(NUMBER_WORDS)) - 1], NUMBER_WORDS
+    elif kind == "position":
+        truth, values = rng.choice(POSITIONS), POSITIONS
+    else:
+        truth = color if kind == "color" else shape
+        values = tuple(COLORS) if kind == "color" else SHAPES
+    img = draw_facts(rng, kind, shape, color, truth)
+    wrong = rng.choice([v for v in values if v != truth])
+    return img, {"kind": kind, "shape": shape, "color": color, "truth": truth, "wrong": wrong}
+
+
+def draw_facts(rng: random.Random, kind: str, shape: str, color: str, truth: str) -> Image.Image:
+    """An image that shows ``shape`` in ``color`` with the asked fact ``truth`` (the count
+    or position for those kinds), at a size and place drawn from ``rng``."""
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(img)
     S = IMAGE_SIZE
     if kind == "count":
-        n = rng.randint(1, len(NUMBER_WORDS))
         # One shape per quadrant (random quadrants) so shapes never overlap.
-        for q in rng.sample(range(4), n):
+        for q in rng.sample(range(4), NUMBER_WORDS.index(truth) + 1):
             size = rng.randint(*SIZES["count"])
             cx, cy = (q % 2) * S // 2, (q // 2) * S // 2
             x = cx + rng.randint(4, S // 2 - size - 4)
             y = cy + rng.randint(4, S // 2 - size - 4)
             _draw_shape(draw, shape, (x, y, x + size, y + size), COLORS[color])
-        truth, values = NUMBER_WORDS[n - 1], NUMBER_WORDS
     elif kind == "position":
-        pos = rng.choice(POSITIONS)
         size = rng.randint(*SIZES["position"])
         mid = (S - size) // 2 + rng.randint(-8, 8)
         edge = rng.randint(4, 12)
         x, y = {"left": (edge, mid), "right": (S - size - edge, mid),
-                "top": (mid, edge), "bottom": (mid, S - size - edge)}[pos]
+                "top": (mid, edge), "bottom": (mid, S - size - edge)}[truth]
         _draw_shape(draw, shape, (x, y, x + size, y + size), COLORS[color])
-        truth, values = pos, POSITIONS
     else:
         size = rng.randint(*SIZES["single"])
         x, y = rng.randint(4, S - size - 4), rng.randint(4, S - size - 4)
         _draw_shape(draw, shape, (x, y, x + size, y + size), COLORS[color])
-        truth = color if kind == "color" else shape
-        values = tuple(COLORS) if kind == "color" else SHAPES
-    wrong = rng.choice([v for v in values if v != truth])
-    return img, {"kind": kind, "shape": shape, "color": color, "truth": truth, "wrong": wrong}
+    return img
+
+
+def image_variants(pair: PreferencePair, n: int) -> list[PreferencePair]:
+    """``pair`` and ``n - 1`` copies whose images show the same facts drawn afresh (another
+    size and place; :func:`draw_facts`), written once next to the pair's image under
+    ``variants/``. Same pair id -> same images. A pair without generated meta or image
+    comes back alone."""
+    m = pair.meta
+    if n <= 1 or pair.image is None or m.get("kind") not in KINDS:
+        return [pair]
+    image = Path(pair.image)
+    folder = image.parent.parent / "variants"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = [pair]
+    for j in range(1, n):
+        path = folder / f"{image.stem}_v{j}.png"
+        if not path.exists():
+            rng = random.Random(f"r1reward-variant-{pair.id}-{j}")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            draw_facts(rng, m["kind"], m["shape"], m["color"], m["truth"]).save(tmp, format="PNG")
+            os.replace(tmp, path)  # whole files only, if processes race
+        out.append(dataclasses.replace(pair, image=str(path)))
+    return out
 
 
 def make_pair(rng: random.Random, kind: str, preferred: int, pair_id: str, image_path: str

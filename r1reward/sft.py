@@ -32,6 +32,7 @@ from r1reward.data import (
     generated_split,
     guessed_analysis,
     image_fact,
+    image_variants,
     load_pairs,
     parse_kinds,
     quoted_claims,
@@ -254,10 +255,11 @@ def lr_factor(step: int, steps: int, decay_from: float = 0.0) -> float:
 
 
 def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=None,
-              after_step=None, decay: bool = True) -> list[float]:
-    """Plain AdamW SFT (LR from :func:`lr_factor`, or constant with ``decay=False``) on the fused log-prob
-    path; returns per-step losses. ``after_step(step, losses)``, if given, is called after
-    every optimizer step."""
+              after_step=None, decay: bool = True, views=None) -> list[float]:
+    """Plain AdamW SFT (LR from :func:`lr_factor`, or constant with ``decay=False``) on the
+    fused log-prob path; returns per-step losses. ``after_step(step, losses)``, if given, is
+    called after every optimizer step. ``views[i]``, if given, lists the pairs example ``i``
+    is shown as, in turn, each time it is drawn (the same pair with other images)."""
     log = log or logger.info
     FusedLMHead.install(model, backend="auto")
     torch.manual_seed(seed)
@@ -268,6 +270,7 @@ def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=Non
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.steps, cfg.decay_from) if decay else 1.0)
     order: list[int] = []
+    shown = [0] * len(examples)
     losses = []
     prompts, encoded = PromptCache(processor), {}
     model.train()
@@ -278,6 +281,10 @@ def train_sft(model, processor, examples, cfg: SFTConfig, seed: int = 0, log=Non
             order += perm
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
         chosen = [examples[i] for i in idx]
+        if views is not None:
+            chosen = [(views[i][shown[i] % len(views[i])], t) for i, (_, t) in zip(idx, chosen)]
+            for i in idx:
+                shown[i] += 1
         batch = make_batch(processor, chosen, device, prompt=prompts([p for p, _ in chosen], device),
                            encoded=encoded)
         loss = sft_loss(model, batch)
@@ -332,11 +339,16 @@ def train_cold_start(model, processor, examples, cfg: SFTConfig, seed: int = 0, 
                             else (lambda step, ls: after_step(n_read + step, losses + ls)))
         mix += on_blank_image(examples, parse_kinds(cfg.blank_judge_on),
                               fact_loss=cfg.blank_fact_loss)
+    views = None
+    if cfg.image_variants > 1:
+        views = [image_variants(p, cfg.image_variants) for p, _ in examples] + \
+            [[p] for p, _ in mix[len(examples):]]  # the blank-image ones stay blank
+        log(f"sft: up to {cfg.image_variants} images per example in the cold start proper")
     hook = None if after_step is None else \
         (lambda step, ls: after_step(n_read + n_warm + step, losses + ls))
     return losses + train_sft(model, processor, mix,
                               dataclasses.replace(cfg, steps=cfg.steps - n_read - n_warm), seed=seed,
-                              log=log, after_step=hook)
+                              log=log, after_step=hook, views=views)
 
 
 def warmup_steps(cfg: SFTConfig) -> int:

@@ -142,6 +142,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--every", type=int, default=250, help="SFT steps between held-out readings")
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--image-variants", type=int, default=d.image_variants,
+                   help="images per example in the cold start proper (1 = the pair's own)")
     p.add_argument("--decay-from", type=float, default=d.decay_from,
                    help="share of the cold start proper at a constant lr before the cosine decay")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -178,6 +180,7 @@ def main(argv=None) -> None:
     for name, ok in (("--steps", a.steps >= 1), ("--copy-warmup", 0 <= a.copy_warmup < 1),
                      ("--read-warmup", 0 <= a.read_warmup < 1),
                      ("--decay-from", 0 <= a.decay_from < 1),
+                     ("--image-variants", a.image_variants >= 1),
                      ("--every", a.every >= 1),
                      ("--n-heldout", a.n_heldout >= 1), ("--n-train", a.n_train >= 1),
                      ("--guess-rate", 0 <= a.guess_rate <= 1), ("--lr", a.lr > 0),
@@ -193,7 +196,7 @@ def main(argv=None) -> None:
                     copy_warmup_on=a.copy_warmup_on, blank_judge_on=a.blank_judge_on,
                     blank_fact_loss=bool(a.blank_fact_loss),
                     copy_warmup_judge=bool(a.copy_warmup_judge),
-                    read_on=a.read_on, read_warmup=a.read_warmup)
+                    read_on=a.read_on, read_warmup=a.read_warmup, image_variants=a.image_variants)
     rows = probe(Path(a.output), cfg, every=a.every, kinds=kinds, n_train=a.n_train,
                  n_heldout=a.n_heldout, seed=a.seed)
     print(table(rows))
