@@ -89,3 +89,28 @@ def test_a_bad_byte_or_a_repeated_id_costs_only_its_line(tmp_path):
     reasons = dict(out.skipped)
     assert "not UTF-8" in reasons[2] and "mixed.jsonl:2:" in reasons[2]
     assert "already used on line 3" in reasons[4]
+
+
+def test_image_variants_draw_the_same_facts_afresh_once(tmp_path):
+    import dataclasses
+
+    from PIL import Image
+
+    from r1reward.data import COLORS, KINDS, image_variants
+    train, _ = generate_dataset(tmp_path, 8, 0, seed=2, kinds=KINDS)
+    for pair in load_pairs(train, strict=True).pairs:
+        views = image_variants(pair, 3)
+        assert views[0] is pair and len(views) == 3
+        assert [v.meta for v in views[1:]] == [pair.meta] * 2 and {v.id for v in views} == {pair.id}
+        images = [Image.open(v.image).convert("RGB") for v in views]
+        assert len({im.tobytes() for im in images}) == 3  # drawn at other sizes and places
+        for im in images:  # each shows the pair's colour on the white background
+            assert {c for _, c in im.getcolors(1 << 16)} <= {(255, 255, 255), COLORS[pair.meta["color"]]}
+        # written once: a second call reuses the files, and a fresh draw has the same bytes
+        again = image_variants(pair, 3)
+        assert [v.image for v in again] == [v.image for v in views]
+        first = open(views[1].image, "rb").read()
+        (tmp_path / "variants" / f"{tmp_path.joinpath(pair.image).stem}_v1.png").unlink()
+        assert open(image_variants(pair, 2)[1].image, "rb").read() == first
+    assert image_variants(pair, 1) == [pair]
+    assert image_variants(dataclasses.replace(pair, meta={}), 3) == [dataclasses.replace(pair, meta={})]

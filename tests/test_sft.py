@@ -232,6 +232,53 @@ def test_lr_holds_for_the_flat_share_then_decays_to_zero():
         validate(dataclasses.replace(JobConfig(), sft=SFTConfig(decay_from=1.0)))
 
 
+def test_each_draw_of_an_example_shows_its_next_image(pairs, tiny_dir, monkeypatch):
+    from r1reward import sft
+    from r1reward.data import image_variants
+    from r1reward.model import load_model_and_processor
+    drawn = []
+    real = sft.make_batch
+
+    def spy(processor, examples, device, **kw):
+        drawn.extend((p.id, p.image, t) for p, t in examples)
+        return real(processor, examples, device, **kw)
+
+    monkeypatch.setattr(sft, "make_batch", spy)
+    model, processor = load_model_and_processor(tiny_dir)
+    ex = templated_examples(pairs[0], 2, seed=0)
+    views = [image_variants(ex[0][0], 3), [ex[1][0]]]
+    sft.train_sft(model, processor, ex, SFTConfig(steps=4, batch_size=2, lr=1e-3), log=lambda _: None,
+                  views=views)
+    first = [img for pid, img, _ in drawn if pid == ex[0][0].id]
+    assert first == [v.image for v in views[0]] + [views[0][0].image]  # in turn, then again
+    assert {img for pid, img, _ in drawn if pid == ex[1][0].id} == {ex[1][0].image}
+    assert {t for _, _, t in drawn} == {t for _, t in ex}  # the targets are the examples' own
+
+
+def test_cold_start_variants_are_for_the_image_examples_only(pairs, tiny_dir, monkeypatch):
+    from r1reward import sft
+    from r1reward.data import blank_image
+    from r1reward.model import load_model_and_processor
+    seen = []
+    real = sft.train_sft
+
+    def spy(model, processor, examples, cfg, views=None, **kw):
+        seen.append(views)
+        return real(model, processor, examples, cfg, views=views, **kw)
+
+    monkeypatch.setattr(sft, "train_sft", spy)
+    model, processor = load_model_and_processor(tiny_dir)
+    ex = templated_examples(pairs[0], 4, seed=0)
+    cfg = SFTConfig(steps=3, batch_size=2, copy_warmup=0.34, copy_warmup_on="", blank_judge_on="",
+                    image_variants=2)
+    sft.train_cold_start(model, processor, ex, cfg, log=lambda _: None)
+    assert seen[0] is None  # the warm-up: blank images only
+    views = seen[1]
+    assert [len(v) for v in views] == [2] * len(ex) + [1] * len(ex)
+    assert all(v[0] is p and v[1].image != p.image for v, (p, _) in zip(views, ex))
+    assert all(v[0].image == str(blank_image()) for v in views[len(ex):])
+
+
 def test_cold_start_runs_the_warmup_then_the_judgments(pairs, tiny_dir, monkeypatch):
     from r1reward import sft
     from r1reward.data import image_fact
