@@ -227,9 +227,6 @@ def test_lr_holds_for_the_flat_share_then_decays_to_zero():
     flat = [lr_factor(s, 10, 0.6) for s in range(11)]
     assert flat[:6] == [1.0] * 6 and flat[6] == 1.0 and flat[-1] == pytest.approx(0.0)
     assert all(a > b for a, b in zip(flat[6:], flat[7:]))  # strictly decreasing after the flat part
-    from r1reward.config import JobConfig, validate
-    with pytest.raises(ValueError, match="sft.decay_from"):
-        validate(dataclasses.replace(JobConfig(), sft=SFTConfig(decay_from=1.0)))
 
 
 def test_each_draw_of_an_example_shows_its_next_image(pairs, tiny_dir, monkeypatch):

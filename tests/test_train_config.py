@@ -54,6 +54,8 @@ BAD_SETTINGS = [
     (["--sft.guess_rate", "2"], "--sft.guess_rate", "[0, 1]"),
     (["--sft.copy_warmup", "1"], "--sft.copy_warmup", "[0, 1)"),
     (["--sft.copy_warmup_on", "smell"], "--sft.copy_warmup_on", "subset"),
+    (["--sft.image_variants", "0"], "--sft.image_variants", ">= 1"),
+    (["--sft.decay_from", "1"], "--sft.decay_from", "[0, 1)"),
     (["--sft.blank_judge_on", "color,smell"], "--sft.blank_judge_on", "subset"),
     (["--data.kinds", "smell"], "--data.kinds", "subset"),
     (["--model", "/no/such/dir"], "--model", "config.json"),
