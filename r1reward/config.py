@@ -44,7 +44,7 @@ class SFTConfig:
     # The tiny model learns the format in ~250 steps, the image's fact by ~600 and the
     # response-vs-image comparison late and abruptly, separately for colour and shape
     # questions. With 4 vision tokens and the warm-up below, 2000 steps of 16 formed both on
-    # 3 of 4 screened seeds and 3 of 5 default runs on one box; 1500 fell short of it with
+    # 7 of 8 screened seeds and 3 of 5 default runs on one box; 1500 fell short of it with
     # earlier recipes, and 3000 did not rescue a seed that had missed one (docs/training_runs.md).
     steps: int = 2000
     # Share of those steps spent first on a copy warm-up (generated pairs only; 0 = none):
