@@ -308,11 +308,11 @@ def image_variants(pair: PreferencePair, n: int) -> list[PreferencePair]:
         return [pair]
     image = Path(pair.image)
     folder = image.parent.parent / "variants"
-    folder.mkdir(parents=True, exist_ok=True)
     out = [pair]
     for j in range(1, n):
         path = folder / f"{image.stem}_v{j}.png"
         if not path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
             rng = random.Random(f"r1reward-variant-{pair.id}-{j}")
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             draw_facts(rng, m["kind"], m["shape"], m["color"], m["truth"]).save(tmp, format="PNG")

@@ -191,8 +191,7 @@ def main(argv=None) -> None:
         if not ok:
             p.error(f"{name}: invalid value")
     cfg = SFTConfig(steps=a.steps, lr=a.lr, decay_from=a.decay_from, batch_size=a.batch_size,
-                    guess_rate=a.guess_rate,
-                    guess_on=a.guess_on, copy_warmup=a.copy_warmup,
+                    guess_rate=a.guess_rate, guess_on=a.guess_on, copy_warmup=a.copy_warmup,
                     copy_warmup_on=a.copy_warmup_on, blank_judge_on=a.blank_judge_on,
                     blank_fact_loss=bool(a.blank_fact_loss),
                     copy_warmup_judge=bool(a.copy_warmup_judge),
