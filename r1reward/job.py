@@ -174,8 +174,11 @@ def prepare(cfg: JobConfig, d: Dist, out: Path):
     held-out pairs, data info, the policy's starting checkpoint and the cold-start info."""
     seed_all(cfg.seed)
     train_pairs, held_pairs, data_info = prepare_data(cfg, d, out)
-    init_dir, sft_info, train_pairs = cold_start(cfg, d, base_model_dir(cfg, d), train_pairs)
+    base_dir = base_model_dir(cfg, d)
+    init_dir, sft_info, train_pairs = cold_start(cfg, d, base_dir, train_pairs)
     data_info["n_rl"] = len(train_pairs)
+    if (base_dir / "reading.json").exists():  # the embedded base's caption pretraining
+        sft_info = {**sft_info, "base_reading": json.loads((base_dir / "reading.json").read_text())}
     return train_pairs, held_pairs, data_info, init_dir, sft_info
 
 

@@ -3,13 +3,17 @@
 Nothing is downloaded: the tokenizer is a byte-level BPE trained locally (with
 ``tokenizers``) on the prompt and on every sentence the data generator can write, wrapped
 as the Qwen2 tokenizer with the Qwen special tokens and chat template; the model is
-``Qwen2_5_VLForConditionalGeneration`` from a small config with random weights. The
+``Qwen2_5_VLForConditionalGeneration`` from a small config with random weights, then taught
+to caption generated images (:mod:`r1reward.tiny_reading`), as a real base VLM can. The
 directory is then loaded with ``from_pretrained`` like any real checkpoint, so the
 trainer, evaluation and server exercise the same code path they use for Qwen2.5-VL-7B.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -19,11 +23,19 @@ from .data import vocabulary_corpus
 from .processor import image_processor_for, save_processor
 from .prompt import JUDGE_PROMPT
 
+logger = logging.getLogger(__name__)
+
 # Bump when anything below changes what gets written: old caches are then not reused.
 # 3: processor_config.json carries the video processor's config (AutoProcessor loads it).
 # 4: the tokenizer learns the analyses' new words (the fact's capitals, the verdicts).
 # 5: images are resized to 56*56 pixels' worth (a square one: 2x2 merged vision tokens, was 4x4).
-TINY_VERSION = "5"
+# 6: the random weights are then taught to caption images (READING_STEPS).
+TINY_VERSION = "6"
+# Caption steps of the base model (batch 32, r1reward.tiny_reading): about 0.97 of fresh
+# images' shapes and 1.00 of their colours named right after 1000 (docs/training_runs.md).
+# $R1REWARD_TINY_READING_STEPS overrides it (the tests build with 0: the random base).
+READING_STEPS = 1000
+READING_ENV = "R1REWARD_TINY_READING_STEPS"
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -64,11 +76,28 @@ VLLM_HEADS = 2
 MROPE_SECTIONS = {4: [2, 2, 4], 2: [4, 6, 6]}
 
 
+def reading_steps() -> int:
+    """The base model's caption steps: ``$R1REWARD_TINY_READING_STEPS`` or READING_STEPS."""
+    raw = os.environ.get(READING_ENV, "").strip()
+    if not raw:
+        return READING_STEPS
+    try:
+        steps = int(raw)
+    except ValueError:
+        steps = -1
+    if steps < 0:
+        raise ValueError(f"${READING_ENV}={raw!r}: expected a whole number of steps >= 0")
+    return steps
+
+
 def default_model_dir(heads: int = HEADS) -> Path:
     """The embedded tiny checkpoint, built once under ``$R1REWARD_CACHE`` (default
     ``~/.cache/r1reward``) and reused; ``heads`` text attention heads (head size 64/heads)."""
-    name = f"tiny-qwen2.5-vl-v{TINY_VERSION}" + ("" if heads == HEADS else f"-h{heads}")
-    return build_once(cache_root() / name, lambda out: build_tiny_checkpoint(out, heads=heads),
+    steps = reading_steps()
+    name = (f"tiny-qwen2.5-vl-v{TINY_VERSION}" + ("" if heads == HEADS else f"-h{heads}")
+            + ("" if steps == READING_STEPS else f"-read{steps}"))
+    return build_once(cache_root() / name,
+                      lambda out: build_tiny_checkpoint(out, heads=heads, reading_steps=steps),
                       marker="config.json")
 
 
@@ -116,8 +145,10 @@ def tiny_config(tok, heads: int = HEADS):
                             vision_end_token_id=ids["<|vision_end|>"])
 
 
-def build_tiny_checkpoint(out_dir, seed: int = 0, heads: int = HEADS) -> Path:
-    """Write a complete, ``from_pretrained``-loadable tiny Qwen2.5-VL directory."""
+def build_tiny_checkpoint(out_dir, seed: int = 0, heads: int = HEADS,
+                          reading_steps: int = READING_STEPS) -> Path:
+    """Write a complete, ``from_pretrained``-loadable tiny Qwen2.5-VL directory: random
+    weights, then ``reading_steps`` caption steps (``reading.json`` says how well it reads)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     out = Path(out_dir)
@@ -130,4 +161,25 @@ def build_tiny_checkpoint(out_dir, seed: int = 0, heads: int = HEADS) -> Path:
     model.generation_config.pad_token_id = cfg.text_config.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     save_processor(out, tok, image_processor_for(MIN_PIXELS, MAX_PIXELS))
+    if reading_steps:
+        teach_reading(out, reading_steps, seed)
     return out
+
+
+def teach_reading(model_dir: Path, steps: int, seed: int = 0) -> dict:
+    """Caption-train the checkpoint in ``model_dir`` in place; writes ``reading.json``."""
+    from .model import load_model_and_processor
+    from .tiny_reading import pretrain_reading, reading_accuracy
+
+    model, processor = load_model_and_processor(model_dir)
+    t0 = time.perf_counter()
+    losses = pretrain_reading(model, processor, steps, seed=seed)
+    info = {"steps": steps, "seconds": round(time.perf_counter() - t0, 1),
+            "loss_first": losses[0], "loss_last": losses[-1],
+            "accuracy": reading_accuracy(model, processor)}
+    logger.info(f"tiny base: reads colour {info['accuracy']['color']:.2f}, shape "
+                f"{info['accuracy']['shape']:.2f} of fresh images after {steps} caption steps "
+                f"({info['seconds']:.0f} s)")
+    model.save_pretrained(model_dir, safe_serialization=True)
+    (Path(model_dir) / "reading.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info

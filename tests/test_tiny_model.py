@@ -59,10 +59,11 @@ def test_build_is_byte_deterministic_and_auto_classes_load(tmp_path):
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
     from r1reward.tiny import build_tiny_checkpoint
-    a, b = build_tiny_checkpoint(tmp_path / "a", seed=0), build_tiny_checkpoint(tmp_path / "b", seed=0)
+    a, b = (build_tiny_checkpoint(tmp_path / d, seed=0, reading_steps=3) for d in "ab")
     names = sorted(p.name for p in a.iterdir())
-    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= set(names)
-    for n in names:
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
+            "reading.json"} <= set(names)
+    for n in set(names) - {"reading.json"}:  # it holds the seconds the caption steps took
         digest = [hashlib.sha256((d / n).read_bytes()).digest() for d in (a, b)]
         assert digest[0] == digest[1], n
     cfg = AutoConfig.from_pretrained(a)
