@@ -7,8 +7,13 @@ import torch
 from r1reward import tiny
 from r1reward.data import COLORS, SHAPES
 from r1reward.model import load_model_and_processor
-from r1reward.tiny_reading import (CaptionPool, caption_batch, draw_captioned, pretrain_reading,
-                                   reading_accuracy)
+from r1reward.tiny_reading import (
+    CaptionPool,
+    caption_batch,
+    draw_captioned,
+    pretrain_reading,
+    reading_accuracy,
+)
 
 
 def test_the_environment_picks_the_cache_entry_and_bad_values_are_refused(monkeypatch, tmp_path):
