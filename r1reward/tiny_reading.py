@@ -1,10 +1,9 @@
 """The embedded base model's own pretraining: it learns to say what a generated image shows.
 
 A real reward model starts from an instruct VLM that already reads images; the tiny model
-starts from random weights. Left so, its cold start has to teach the vision tower to see
-and the judge to compare at once, and in about one cold start in four one of the two
-comparisons never formed (docs/training_runs.md). This stage stands in for the base
-model's pretraining: captions ("A red circle.") of single shapes drawn by the data
+starts from random weights, so its cold start has to teach the vision tower to see and the
+judge to compare at once. This stage (off by default: ``$R1REWARD_TINY_READING_STEPS``)
+stands in for the base model's pretraining: captions ("A red circle.") of single shapes drawn by the data
 generator's own drawing code, a pool of thousands, so little is learnt by heart. The caption
 is worded like neither a response nor the judge's stated fact: the base learns to see, not
 the judge's sentences.
@@ -137,7 +136,7 @@ def reading_accuracy(model, processor, n: int = 192, seed: int = 12345) -> dict[
     out = model.generate(**enc, max_new_tokens=12, do_sample=False)
     model.train(was_training)
     texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    words = [t.replace(".", " ").split() for t in texts]
+    words = [t.lower().replace(".", " ").split() for t in texts]
     color = [c in w for w, (c, _) in zip(words, facts)]
     shape = [s in w for w, (_, s) in zip(words, facts)]
     return {"color": sum(color) / n, "shape": sum(shape) / n,

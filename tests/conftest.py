@@ -4,10 +4,6 @@ import os
 
 import pytest
 
-# Every cache the tests build holds the random tiny base (no caption pretraining: ~2 min
-# each); tests/test_tiny_reading.py exercises the pretraining itself.
-os.environ.setdefault("R1REWARD_TINY_READING_STEPS", "0")
-
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):

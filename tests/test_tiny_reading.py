@@ -18,13 +18,16 @@ from r1reward.tiny_reading import (
 
 def test_the_environment_picks_the_cache_entry_and_bad_values_are_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("R1REWARD_CACHE", str(tmp_path))
-    monkeypatch.delenv(tiny.READING_ENV)
-    assert tiny.reading_steps() == tiny.READING_STEPS
-    monkeypatch.setenv(tiny.READING_ENV, "0")
-    assert tiny.reading_steps() == 0
+    monkeypatch.delenv(tiny.READING_ENV, raising=False)
+    assert tiny.reading_steps() == tiny.READING_STEPS == 0
     path = tiny.default_model_dir()
-    assert path.name == f"tiny-qwen2.5-vl-v{tiny.TINY_VERSION}-read0"
-    assert not (path / "reading.json").exists()  # the random base, as built before v6
+    assert path.name == f"tiny-qwen2.5-vl-v{tiny.TINY_VERSION}"  # the random base, unchanged
+    assert not (path / "reading.json").exists()
+    monkeypatch.setenv(tiny.READING_ENV, "2")
+    assert tiny.reading_steps() == 2
+    taught = tiny.default_model_dir()
+    assert taught.name == f"tiny-qwen2.5-vl-v{tiny.TINY_VERSION}-read2"
+    assert json.loads((taught / "reading.json").read_text())["steps"] == 2
     for bad in ("-1", "many", "1.5"):
         monkeypatch.setenv(tiny.READING_ENV, bad)
         with pytest.raises(ValueError, match="R1REWARD_TINY_READING_STEPS"):
