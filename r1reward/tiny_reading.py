@@ -3,10 +3,10 @@
 A real reward model starts from an instruct VLM that already reads images; the tiny model
 starts from random weights, so its cold start has to teach the vision tower to see and the
 judge to compare at once. This stage (off by default: ``$R1REWARD_TINY_READING_STEPS``)
-stands in for the base model's pretraining: captions ("A red circle.") of single shapes drawn by the data
-generator's own drawing code, a pool of thousands, so little is learnt by heart. The caption
-is worded like neither a response nor the judge's stated fact: the base learns to see, not
-the judge's sentences.
+stands in for the base model's pretraining: captions ("A red circle.") of single shapes
+drawn by the data generator's own drawing code, a pool of thousands, so little is learnt by
+heart. The caption is worded like neither a response nor the judge's stated fact: the base
+learns to see, not the judge's sentences.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def caption_batch(processor, images, captions) -> dict:
 
 class CaptionPool:
     """``n`` captioned images put through the processor once (in chunks), batched by index:
-    the processor's image work was about a third of a caption step."""
+    in a profile the processor took ~45 of the ~145 ms of a step on a fresh batch of 32."""
 
     TOKEN_FILL = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "labels": -100}
 

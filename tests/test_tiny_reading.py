@@ -63,7 +63,6 @@ def test_the_pool_batches_as_the_processor_does(tiny_dir):
 
 def test_caption_steps_teach_the_random_base_to_name_colours(tiny_dir):
     """Chance is 1/6 for the colour and 1/3 for the shape; 200 steps name most colours."""
-    torch.set_num_threads(2)
     model, proc = load_model_and_processor(tiny_dir)
     before = reading_accuracy(model, proc, n=96)
     losses = pretrain_reading(model, proc, steps=200, seed=0)
