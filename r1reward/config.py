@@ -99,6 +99,9 @@ class SFTConfig:
     # turn, so the tiny vision tower cannot tell the training images apart by heart (the
     # blank-image examples keep their blank image).
     image_variants: int = 1
+    # Every training pair in both orders (responses swapped, the gold index with them), so
+    # no image or question tells which position the better response is in.
+    both_orders: bool = False
     # Share of the cold start proper (after the warm-ups) at a constant lr before the cosine
     # decay to 0 (0 = cosine from the first step).
     decay_from: float = 0.0

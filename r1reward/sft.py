@@ -51,8 +51,10 @@ SFT_VERSION = 2  # bump when the recipe changes, so stale caches are not reused
 
 
 def templated_examples(pairs: list[PreferencePair], n: int, seed: int, guess_rate: float = 0.0,
-                       guess_on: tuple[str, ...] = ()) -> list[tuple[PreferencePair, str]]:
-    """A seeded subset of ``n`` pairs, every other one swapped, with templated targets.
+                       guess_on: tuple[str, ...] = (), both_orders: bool = False
+                       ) -> list[tuple[PreferencePair, str]]:
+    """A seeded subset of ``n`` pairs, every other one swapped (with ``both_orders``, each
+    in both orders), with templated targets.
 
     A ``guess_rate`` fraction of the targets (only of pairs whose question kind or shape
     is in ``guess_on``, when given) come from a teacher that skips the image check and
@@ -62,6 +64,8 @@ def templated_examples(pairs: list[PreferencePair], n: int, seed: int, guess_rat
     rng = random.Random(f"sft-{seed}")
     chosen = rng.sample(pairs, min(n, len(pairs))) if n > 0 else list(pairs)
     shown = [p.swapped() if i % 2 else p for i, p in enumerate(chosen)]
+    if both_orders:
+        shown += [p.swapped() for p in shown]
     teacher = random.Random(f"sft-guess-{seed}")  # separate stream: guess_rate 0 = as before
     out = []
     for p in shown:
@@ -77,7 +81,8 @@ def examples_for(pairs: list[PreferencePair], cfg: SFTConfig, seed: int
                  ) -> list[tuple[PreferencePair, str]]:
     """The templated cold-start examples ``cfg`` asks for (subset, careless teacher)."""
     guess_on = tuple(k.strip() for k in cfg.guess_on.split(",") if k.strip())
-    return templated_examples(pairs, cfg.n_examples, seed, cfg.guess_rate, guess_on)
+    return templated_examples(pairs, cfg.n_examples, seed, cfg.guess_rate, guess_on,
+                              both_orders=cfg.both_orders)
 
 
 class Target(str):

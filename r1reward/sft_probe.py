@@ -146,6 +146,8 @@ def main(argv=None) -> None:
                    help="images per example in the cold start proper (1 = the pair's own)")
     p.add_argument("--decay-from", type=float, default=d.decay_from,
                    help="share of the cold start proper at a constant lr before the cosine decay")
+    p.add_argument("--both-orders", type=int, choices=(0, 1), default=int(d.both_orders),
+                   help="1: every training pair in both orders")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--guess-rate", type=float, default=d.guess_rate)
     p.add_argument("--guess-on", default=d.guess_on)
@@ -195,7 +197,8 @@ def main(argv=None) -> None:
                     copy_warmup_on=a.copy_warmup_on, blank_judge_on=a.blank_judge_on,
                     blank_fact_loss=bool(a.blank_fact_loss),
                     copy_warmup_judge=bool(a.copy_warmup_judge),
-                    read_on=a.read_on, read_warmup=a.read_warmup, image_variants=a.image_variants)
+                    read_on=a.read_on, read_warmup=a.read_warmup, image_variants=a.image_variants,
+                    both_orders=bool(a.both_orders))
     rows = probe(Path(a.output), cfg, every=a.every, kinds=kinds, n_train=a.n_train,
                  n_heldout=a.n_heldout, seed=a.seed)
     print(table(rows))
