@@ -25,6 +25,20 @@ def test_examples_are_balanced_and_formatted(pairs):
     assert {p.preferred for p, _ in ex} == {1, 2}
 
 
+def test_both_orders_shows_each_pair_with_the_better_response_in_each_place(pairs):
+    from r1reward.data import templated_analysis
+    one = templated_examples(pairs[0], 6, seed=0)
+    both = templated_examples(pairs[0], 6, seed=0, both_orders=True)
+    assert both[:6] == one and len(both) == 12
+    for (p, _), (q, target) in zip(one, both[6:]):
+        assert q.id == p.id and q.image == p.image and q.preferred == 3 - p.preferred
+        assert (q.response_1, q.response_2) == (p.response_2, p.response_1)
+        assert target == templated_analysis(q)
+    from r1reward.config import SFTConfig
+    from r1reward.sft import examples_for
+    assert len(examples_for(pairs[0], SFTConfig(both_orders=True), seed=0)) == 2 * len(pairs[0])
+
+
 def test_guess_rate_mixes_in_careless_judgments(pairs):
     from r1reward.data import guessed_analysis, templated_analysis
     from r1reward.rewards import format_reward, parse_answer

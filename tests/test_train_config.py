@@ -24,12 +24,12 @@ def test_aliases_and_dotted_overrides(tmp_path):
     cfg = parse_args(["--model", str(model), "--data", str(data), "--output", "o", "--steps", "7",
                       "--fsdp", "--ac", "--resume", "--seed", "3", "--algo.adv_filter", "release",
                       "--rollout.top_p", "0.9", "--no-sft.enabled", "--reward.local_model", "none",
-                      "--preset", "tiny"])
+                      "--sft.both_orders", "--preset", "tiny"])
     assert (cfg.model.path, cfg.data.train, cfg.output, cfg.steps, cfg.seed) == (
         str(model), str(data), "o", 7, 3)
     assert cfg.parallel.fsdp and cfg.parallel.ac and not cfg.parallel.compile
     assert cfg.checkpoint.resume and cfg.algo.adv_filter == "release" and cfg.rollout.top_p == 0.9
-    assert cfg.sft.enabled is False and cfg.reward.local_model is None
+    assert cfg.sft.enabled is False and cfg.reward.local_model is None and cfg.sft.both_orders
     assert parse_args([]).to_dict() == JobConfig().to_dict()
 
 
