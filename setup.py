@@ -1,8 +1,9 @@
 """r1reward: StableReinforce trainer for generative multimodal reward models.
 
-The Triton/PyTorch kernel sources live in the top-level ``kernels/`` folder but are
-installed as ``r1reward.kernels`` (never as a top-level ``kernels`` package, a name
-already taken on PyPI).
+The Triton/PyTorch kernel sources live in ``kernels/python/`` and are installed as
+``r1reward.kernels``, never as a top-level ``kernels`` package: that name is Hugging Face's
+package, which transformers (>= 5.25) requires and imports. ``kernels/`` has no
+``__init__.py``, so running from the repository root does not shadow it either.
 """
 from setuptools import setup
 
@@ -18,7 +19,7 @@ setup(
     description="Fast StableReinforce (R1-Reward) trainer for generative multimodal reward models",
     python_requires=">=3.10",
     packages=["r1reward", "r1reward.kernels", "r1reward.integrations"],
-    package_dir={"r1reward": "r1reward", "r1reward.kernels": "kernels",
+    package_dir={"r1reward": "r1reward", "r1reward.kernels": "kernels/python",
                  "r1reward.integrations": "r1reward/integrations"},
     install_requires=[
         # torch is pinned by the README/CI install line (CPU wheel); a range here keeps

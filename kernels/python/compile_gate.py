@@ -40,10 +40,10 @@ _TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def load_kernel_module(name: str):
-    """Import ``kernels/<name>.py`` fresh with TRITON_INTERPRET off (real JITFunctions)."""
+    """Import ``kernels/python/<name>.py`` fresh with TRITON_INTERPRET off (real JITFunctions)."""
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
-    # A bare package over kernels/ (its __init__ is not run), so the kernel files' relative
+    # A bare package over kernels/python/ (its __init__ is not run), so the kernel files' relative
     # imports of each other resolve to fresh copies too.
     for key in [k for k in sys.modules if k == _GATE_PKG or k.startswith(_GATE_PKG + ".")]:
         del sys.modules[key]

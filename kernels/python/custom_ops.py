@@ -12,10 +12,8 @@ signatures of :mod:`.torch_chunked`'s) and returns the two backend entry points 
 ``functional.py`` calls. Any backend (e.g. Triton) can reuse it with its own module.
 
 Registration happens once per process and the op bodies always look the impls up in
-the canonical module (``r1reward.kernels.…``): the source folder is also importable as a
-top-level ``kernels`` package when the repository root is on ``sys.path``, and
-transformers imports whatever ``kernels`` it finds while probing for the Hugging Face
-package of that name. A second registration of the same op names would break the ops.
+the canonical module (``r1reward.kernels.…``), so a second import of these sources under
+another package name cannot register the same op names twice (that would break the ops).
 """
 import importlib
 

@@ -17,7 +17,7 @@ Rows are addressed through an int64 index array (``rows``) holding the active ro
 only, so masked rows (ignored targets, padding, prompt tokens) cost no GEMM work and
 their outputs stay exactly 0. All pointer offsets are int64 (V·H > 2^31 for real
 lm_heads). This module imports nothing from the package so that
-``kernels/compile_gate.py`` can load it standalone with the interpreter off.
+``kernels/python/compile_gate.py`` can load it standalone with the interpreter off.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import triton.language as tl
 # pipeline stage, so 3 stages fit easily in shared memory on sm_80 (163 KB) and sm_90
 # (227 KB). fp32 operands double register pressure on sm_80 (no wgmma): 64×128×64 spilled
 # there (cuobjdump STACK 248 B), so sm_80/fp32 uses 64×64×32. The compile gate
-# (kernels/compile_gate.py) checks exactly these for spills, registers and shared memory.
+# (kernels/python/compile_gate.py) checks exactly these for spills, registers and shared memory.
 FWD_CONFIGS = {
     (80, "16bit"): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
     (90, "16bit"): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
