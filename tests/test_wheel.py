@@ -23,9 +23,10 @@ def test_wheel_exposes_kernels_under_r1reward_only(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(target), str(wheel)], check=True)
     probe = ("import r1reward.kernels as k, importlib.util as u; "
-             "print(k.__file__); print(u.find_spec('kernels'))")
+             "print(k.__file__); print(getattr(u.find_spec('kernels'), 'origin', None))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, text=True,
                          capture_output=True, env={"PYTHONPATH": str(target), "PATH": ""}).stdout
-    kernels_file, spec = out.strip().splitlines()
+    kernels_file, top_level_kernels = out.strip().splitlines()
     assert kernels_file.startswith(str(target)), kernels_file
-    assert spec == "None"
+    # None, or Hugging Face's package where the environment has it (transformers >= 5.25)
+    assert not top_level_kernels.startswith(str(target)), top_level_kernels
