@@ -5,12 +5,11 @@ same ``from_pretrained`` calls as a real one. (Processor code: r1reward.processo
 """
 from __future__ import annotations
 
-import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from .patch_embed import linear_patch_embed
 from .processor import load_processor
 from .tiny import default_model_dir
 
@@ -34,30 +33,6 @@ def attention_implementation(device) -> str:
         except ImportError:
             pass
     return "sdpa"
-
-
-def _patch_embed_linear_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    weight = self.proj.weight
-    return F.linear(hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype),
-                    weight.reshape(weight.shape[0], -1), self.proj.bias)
-
-
-def linear_patch_embed(model: torch.nn.Module) -> int:
-    """Run the vision tower's patch embedding as one GEMM instead of a Conv3d.
-
-    The Conv3d's kernel equals its stride and covers a whole patch, so it is a linear map
-    of each flattened patch; on CPU the convolution path took ~7x the GEMM's time
-    (fwd+bwd). The parameter keeps its name and shape, so checkpoints and exports are
-    unchanged. Returns how many modules were switched."""
-    switched = 0
-    for module in model.modules():
-        proj = getattr(module, "proj", None)
-        if (isinstance(proj, torch.nn.Conv3d) and type(module).__name__.endswith("PatchEmbed")
-                and tuple(proj.kernel_size) == tuple(proj.stride)
-                and tuple(proj.padding) == (0, 0, 0) and proj.groups == 1):
-            module.forward = types.MethodType(_patch_embed_linear_forward, module)
-            switched += 1
-    return switched
 
 
 def load_model_and_processor(model_dir=None, *, dtype=None, device="cpu"):

@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from .cache import build_once, cache_root
 from .data import vocabulary_corpus
-from .processor import image_processor_for, save_processor
+from .processor import image_processor_for, load_processor, save_processor
 from .prompt import JUDGE_PROMPT
 
 logger = logging.getLogger(__name__)
@@ -158,27 +157,13 @@ def build_tiny_checkpoint(out_dir, seed: int = 0, heads: int = HEADS,
     model = Qwen2_5_VLForConditionalGeneration(cfg)
     model.generation_config.eos_token_id = cfg.text_config.eos_token_id
     model.generation_config.pad_token_id = cfg.text_config.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
     save_processor(out, tok, image_processor_for(MIN_PIXELS, MAX_PIXELS))
     if reading_steps:
-        teach_reading(out, reading_steps, seed)
+        from .tiny_reading import teach_reading
+        info = teach_reading(model, load_processor(out), reading_steps, seed)
+        logger.info(f"tiny base: reads colour {info['accuracy']['color']:.2f}, shape "
+                    f"{info['accuracy']['shape']:.2f} of fresh images after {reading_steps} "
+                    f"caption steps ({info['seconds']:.0f} s)")
+        (out / "reading.json").write_text(json.dumps(info, indent=1) + "\n")
+    model.save_pretrained(out, safe_serialization=True)
     return out
-
-
-def teach_reading(model_dir: Path, steps: int, seed: int = 0) -> dict:
-    """Caption-train the checkpoint in ``model_dir`` in place; writes ``reading.json``."""
-    from .model import load_model_and_processor
-    from .tiny_reading import pretrain_reading, reading_accuracy
-
-    model, processor = load_model_and_processor(model_dir)
-    t0 = time.perf_counter()
-    losses = pretrain_reading(model, processor, steps, seed=seed)
-    info = {"steps": steps, "seconds": round(time.perf_counter() - t0, 1),
-            "loss_first": losses[0], "loss_last": losses[-1],
-            "accuracy": reading_accuracy(model, processor)}
-    logger.info(f"tiny base: reads colour {info['accuracy']['color']:.2f}, shape "
-                f"{info['accuracy']['shape']:.2f} of fresh images after {steps} caption steps "
-                f"({info['seconds']:.0f} s)")
-    model.save_pretrained(model_dir, safe_serialization=True)
-    (Path(model_dir) / "reading.json").write_text(json.dumps(info, indent=1) + "\n")
-    return info

@@ -17,6 +17,7 @@ import time
 import torch
 
 from .data import COLORS, SHAPES, draw_facts
+from .patch_embed import linear_patch_embed
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,17 @@ def pretrain_reading(model, processor, steps: int, batch_size: int = 32, lr: flo
                 f"({time.perf_counter() - t0:.0f} s)")
     model.eval()
     return losses
+
+
+def teach_reading(model, processor, steps: int, seed: int = 0) -> dict:
+    """``steps`` caption steps on ``model``, then how well it reads: what ``reading.json``
+    records."""
+    linear_patch_embed(model)
+    t0 = time.perf_counter()
+    losses = pretrain_reading(model, processor, steps, seed=seed)
+    return {"steps": steps, "seconds": round(time.perf_counter() - t0, 1),
+            "loss_first": losses[0], "loss_last": losses[-1],
+            "accuracy": reading_accuracy(model, processor)}
 
 
 @torch.no_grad()
