@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from r1reward.machine import one_line
 from r1reward.metrics import heldout_points
 
 MECHANISMS = (("preclip", "preclip_frac"), ("clip", "clip_frac"), ("filter", "filtered_frac"))
@@ -79,7 +80,8 @@ def summarize(run: dict) -> dict:
            "at_chance_after_sft": s.get("cold_start_at_chance", []),
            "sft_seconds": (s.get("sft") or {}).get("seconds"),
            "sft_cached": bool((s.get("sft") or {}).get("cached")),
-           "rl_seconds": s["wall_seconds"], "skipped_steps": s.get("skipped_steps", 0)}
+           "rl_seconds": s["wall_seconds"], "skipped_steps": s.get("skipped_steps", 0),
+           "machine": one_line(s["machine"]) if "machine" in s else None}
     for name, key in MECHANISMS:
         out[f"{name}_steps"] = sum(1 for r in rows if (r.get(key) or 0) > 0)
     out["ratio_max_mean"] = sum(ratio_max) / len(ratio_max) if ratio_max else None
@@ -109,6 +111,12 @@ def table(summaries: list[dict]) -> str:
                   f"{_f(s['ratio_max_mean'], '{:.2f}')} / {_f(s['ratio_max_max'], '{:.2f}')}",
                   str(s["skipped_steps"])]
         lines.append("| " + " | ".join(cells) + " |")
+    machines = {s["machine"] for s in summaries if s["machine"]}
+    if machines:  # the numbers depend on the machine's numeric paths: name them under the table
+        lines.append("")
+        lines += [f"machine: {m}" + ("" if len(machines) == 1 else " ("
+                  + ", ".join(Path(s["run"]).name for s in summaries if s["machine"] == m) + ")")
+                  for m in sorted(machines)]
     return "\n".join(lines)
 
 

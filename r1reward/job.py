@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from r1reward import machine
 from r1reward.config import ConfigError, JobConfig, default_output_dir, merge_for_resume
 from r1reward.data import load_pairs
 from r1reward.log import logger as log
@@ -186,6 +187,7 @@ def run(cfg: JobConfig) -> dict | None:
     """The whole job; returns the summary (None when stopped by ``--stop_after``)."""
     d = init_distributed(cfg.parallel.fsdp)
     setup_logging(d.is_main)
+    log.info("machine: %s", machine.one_line(machine.describe()))
     check_world(cfg, d)
     out = Path(broadcast(d, str(cfg.output or default_output_dir())))
     cfg.output = str(out)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from r1reward import machine
 from r1reward.config import SFTConfig
 from r1reward.rollout import CHANCE_MARGIN
 
@@ -141,10 +142,13 @@ def main(argv=None) -> int:
             except RuntimeError as e:
                 failed.append(str(e))
     summary = summarize(readings) if readings else {"n": 0, "formed": {}, "seeds": {}}
-    summary.update(probe_args=probe_args, failed=failed)
+    # the probes inherit this environment (ATEN_CPU_CAPABILITY, MKL_CBWR) on one thread each
+    summary.update(probe_args=probe_args, failed=failed,
+                   machine={**machine.describe(), "torch_threads": 1})
     (out / "screen.json").write_text(json.dumps(summary, indent=2) + "\n")
     if readings:
         print(table(summary))
+        print(f"machine: {machine.one_line(summary['machine'])}")
     for msg in failed:
         print(msg, file=sys.stderr)
     return 1 if failed else 0

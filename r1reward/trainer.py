@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from r1reward import registry, rollout
+from r1reward import machine, registry, rollout
 from r1reward.checkpoint import Checkpointer, CorruptCheckpoint
 from r1reward.config import JobConfig
 from r1reward.health import Action, Decision, HealthMonitor
@@ -633,7 +633,7 @@ class Trainer:
             "skipped_steps": self.recovery.skipped_steps, "rollbacks": self.recovery.rollbacks,
             "stopped_early": stopped_early, "preset": cfg.preset,
             "world_size": d.world, "export_dir": str(export_dir) if export_dir else None,
-            "run_dir": str(self.out),
+            "run_dir": str(self.out), "machine": machine.describe(),
         }
         if d.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

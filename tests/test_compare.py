@@ -47,6 +47,24 @@ def test_summary_counts_each_mechanism_and_the_gain(tmp_path):
     assert "1 / 2 / 2 of 3" in text and "1.90 / 3.00" in text
 
 
+def test_table_names_the_machines_under_it(tmp_path):
+    machine = {"cpu": "Some CPU", "logical_cpus": 2, "torch_threads": 2,
+               "aten_cpu_capability": "AVX2", "mkl_branch": "AUTO"}
+    runs = []
+    for name, isa in (("a", "AVX2"), ("b", "AVX512"), ("c", "AVX2")):
+        d = write_run(tmp_path / name, 0, 0.6, 0.7, ROWS)
+        s = json.loads((d / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps({**s, "machine": {**machine, "aten_cpu_capability": isa}}))
+        runs.append(compare.summarize(compare.load_run(d)))
+    text = compare.table(runs)
+    assert "machine: Some CPU (2 CPUs, 2 threads; ATen AVX2, MKL AUTO) (a, c)" in text
+    assert "machine: Some CPU (2 CPUs, 2 threads; ATen AVX512, MKL AUTO) (b)" in text
+    # one machine: one line, no run names; runs from before the field: no line
+    assert compare.table(runs[:1]).endswith("machine: Some CPU (2 CPUs, 2 threads; ATen AVX2, MKL AUTO)")
+    old = compare.summarize(compare.load_run(write_run(tmp_path / "old", 0, 0.6, 0.7, ROWS)))
+    assert "machine:" not in compare.table([old])
+
+
 def test_cli_writes_table_plot_and_json(tmp_path, capsys):
     a = write_run(tmp_path / "a", 0, 0.6, 0.75, ROWS)
     b = write_run(tmp_path / "b", 1, 0.7, 0.72, ROWS[:2])

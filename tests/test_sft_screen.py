@@ -38,7 +38,10 @@ def test_screen_runs_each_seed_once_and_resumes(tiny_dir, tmp_path, capsys):
     assert summary["n"] == 2 and set(summary["seeds"]) == {"0", "1"}
     assert set(summary["formed"]) == {"color", "shape"} and summary["failed"] == []
     assert all(v["step"] == 2 for v in summary["seeds"].values())
-    assert "| seed | all | color | shape | formed |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| seed | all | color | shape | formed |" in out
+    # probes run one thread each, on this process's numeric paths, and the screen says so
+    assert summary["machine"]["torch_threads"] == 1 and "1 threads; ATen" in out
     probe = tmp_path / "seed_0" / "probe.jsonl"
     before = probe.stat().st_mtime_ns
     assert _screen(tmp_path, "0-1") == 0  # both seeds done: read back, not rerun

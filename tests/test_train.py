@@ -53,6 +53,9 @@ def test_default_pipeline_contract_and_export(tmp_path):
     assert {"color", "shape"} <= set(groups) and all(0.0 <= a <= 1.0 for a in groups.values())
     assert set(on_disk["cold_start_at_chance"]) <= {"color", "shape"}
     assert summary["sft"]["examples"] == 4
+    # the numeric paths the run took are recorded (they decide which cold starts form)
+    assert on_disk["machine"]["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert on_disk["machine"]["torch_threads"] == torch.get_num_threads()
     r = rows(out)
     assert [x["step"] for x in r] == [1, 2]
     for x in r:
