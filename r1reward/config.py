@@ -64,6 +64,9 @@ class SFTConfig:
     # blank_fact_loss off, one-thread screens of seeds 3-6 formed the colour comparison
     # on 4 of 4 (quotes only, fact trained: 1 of 4; docs/training_runs.md).
     copy_warmup_judge: bool = True
+    # The warm-up's image: "blank" (the claim can only come from the response) or "own"
+    # (each pair's image; for a base that already reads, R1REWARD_TINY_READING_STEPS).
+    copy_warmup_image: str = "blank"
     # Question kinds whose full judgments join the rest of the cold start a second time,
     # on a blank image, when there is a warm-up ("" = all kinds).
     blank_judge_on: str = "color"
@@ -452,6 +455,8 @@ def validate(cfg: JobConfig) -> JobConfig:
         value = getattr(s, name)
         need(_known_kinds(value), f"sft.{name}",
              f"{value!r}: a comma-separated subset of {','.join(KNOWN_KINDS)} (\"\" = all)")
+    need(s.copy_warmup_image in ("blank", "own"), "sft.copy_warmup_image",
+         f"{s.copy_warmup_image!r}; choose from blank|own")
     need(s.teacher in ("templated", "distill"), "sft.teacher",
          f"{s.teacher!r}; choose from templated|distill")
     need(s.teacher_k >= 1, "sft.teacher_k", "must be >= 1")

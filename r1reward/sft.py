@@ -99,7 +99,7 @@ class Target(str):
 
 
 def on_blank_image(examples: list[tuple[PreferencePair, str]], kinds: tuple[str, ...] = (),
-                   quote_only: bool = False, fact_loss: bool = True
+                   quote_only: bool = False, fact_loss: bool = True, keep_image: bool = False
                    ) -> list[tuple[PreferencePair, str]]:
     """Generated pairs (of ``kinds``, when given) shown with a blank image, so a response's
     claim can only be read from the response. With ``quote_only`` the target only quotes
@@ -107,8 +107,10 @@ def on_blank_image(examples: list[tuple[PreferencePair, str]], kinds: tuple[str,
     the example's own judgment, whose verdicts then follow from the quotes and the stated
     fact alone. With ``fact_loss`` off, the stated fact carries no loss (a blank image
     cannot show it: trained, it teaches stating a response's claim as the image's fact).
+    ``keep_image`` shows each pair's own image instead (the same targets, for a base that
+    already reads: quoting is then learnt while the image is legible).
     Pairs without generated meta (release data) are left out."""
-    blank = str(blank_image())
+    blank = None if keep_image else str(blank_image())
     out = []
     for p, target in examples:
         if p.meta.get("kind") not in (kinds or KINDS):
@@ -120,7 +122,7 @@ def on_blank_image(examples: list[tuple[PreferencePair, str]], kinds: tuple[str,
             at = target.find(fact)
             if at >= 0:
                 target = Target.masked(target, [(at, at + len(fact))])
-        out.append((dataclasses.replace(p, image=blank), target))
+        out.append((p if keep_image else dataclasses.replace(p, image=blank), target))
     return out
 
 
@@ -323,8 +325,8 @@ def train_cold_start(model, processor, examples, cfg: SFTConfig, seed: int = 0, 
     phase; ``after_step`` sees one step count through all of them."""
     log = log or logger.info
     kinds = parse_kinds(cfg.copy_warmup_on)
-    warm = on_blank_image(examples, kinds, quote_only=not cfg.copy_warmup_judge, fact_loss=False) \
-        if cfg.copy_warmup > 0 else []
+    warm = on_blank_image(examples, kinds, quote_only=not cfg.copy_warmup_judge, fact_loss=False,
+                          keep_image=cfg.copy_warmup_image == "own") if cfg.copy_warmup > 0 else []
     if cfg.copy_warmup > 0 and not warm:
         log("sft: no generated pairs to quote, so no copy warm-up")
     n_warm = warmup_steps(cfg) if warm else 0
@@ -337,7 +339,8 @@ def train_cold_start(model, processor, examples, cfg: SFTConfig, seed: int = 0, 
                             seed=seed, log=log, after_step=after_step, decay=False)
     mix = list(examples)
     if n_warm:
-        log(f"sft: copy warm-up, {n_warm} of {cfg.steps} steps on {len(warm)} blank-image examples")
+        log(f"sft: copy warm-up, {n_warm} of {cfg.steps} steps on {len(warm)} examples "
+            f"({cfg.copy_warmup_image} image)")
         # constant LR: the copy forms abruptly, a few hundred steps in
         losses += train_sft(model, processor, warm, dataclasses.replace(cfg, steps=n_warm),
                             seed=seed, log=log, decay=False, after_step=None if after_step is None

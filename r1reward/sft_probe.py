@@ -159,6 +159,8 @@ def main(argv=None) -> None:
                    help='question kinds whose judgments join the mix again on a blank image ("" = all)')
     p.add_argument("--copy-warmup-judge", type=int, choices=(0, 1), default=int(d.copy_warmup_judge),
                    help="1: the copy warm-up's targets are full judgments (no loss on the fact)")
+    p.add_argument("--copy-warmup-image", choices=("blank", "own"), default=d.copy_warmup_image,
+                   help="the copy warm-up's image: blank, or each pair's own")
     p.add_argument("--blank-fact-loss", type=int, choices=(0, 1), default=int(d.blank_fact_loss),
                    help="1: train the fact the blank-image judgments state; 0: no loss on it")
     p.add_argument("--read-on", default=d.read_on,
@@ -196,7 +198,7 @@ def main(argv=None) -> None:
                     guess_rate=a.guess_rate, guess_on=a.guess_on, copy_warmup=a.copy_warmup,
                     copy_warmup_on=a.copy_warmup_on, blank_judge_on=a.blank_judge_on,
                     blank_fact_loss=bool(a.blank_fact_loss),
-                    copy_warmup_judge=bool(a.copy_warmup_judge),
+                    copy_warmup_judge=bool(a.copy_warmup_judge), copy_warmup_image=a.copy_warmup_image,
                     read_on=a.read_on, read_warmup=a.read_warmup, image_variants=a.image_variants,
                     both_orders=bool(a.both_orders))
     rows = probe(Path(a.output), cfg, every=a.every, kinds=kinds, n_train=a.n_train,

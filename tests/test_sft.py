@@ -174,6 +174,8 @@ def test_blank_image_examples_quote_each_claim_or_keep_the_judgment(pairs):
         assert Image.open(w.image).convert("RGB").getextrema() == ((255, 255),) * 3
     full = on_blank_image(ex)
     assert [t for _, t in full] == [t for _, t in ex] and {w.image for w, _ in full} == {warm[0][0].image}
+    own = on_blank_image(ex, quote_only=True, keep_image=True)  # same targets, each pair's image
+    assert [t for _, t in own] == [t for _, t in warm] and [w for w, _ in own] == [p for p, _ in ex]
     colour = on_blank_image(ex, ("color",), quote_only=True)
     assert colour and {w.meta["kind"] for w, _ in colour} == {"color"} and len(colour) < len(warm)
     # the preferred response claims the image's truth, whichever order it is shown in

@@ -57,6 +57,7 @@ BAD_SETTINGS = [
     (["--sft.image_variants", "0"], "--sft.image_variants", ">= 1"),
     (["--sft.decay_from", "1"], "--sft.decay_from", "[0, 1)"),
     (["--sft.blank_judge_on", "color,smell"], "--sft.blank_judge_on", "subset"),
+    (["--sft.copy_warmup_image", "noise"], "--sft.copy_warmup_image", "blank|own"),
     (["--data.kinds", "smell"], "--data.kinds", "subset"),
     (["--model", "/no/such/dir"], "--model", "config.json"),
     (["--data", "/no/such.jsonl"], "--data", "not a file"),
