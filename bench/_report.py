@@ -12,7 +12,7 @@ FIELDS = ("method", "case", "mode", "status", "N", "B", "H", "V", "dtype", "devi
           "cpu_ratio_to_3gemm", "fwd_peak_mb", "peak_mb", "grad_mb", "grad_resident_mb",
           "logit_mb",
           "target_p_mean", "repeats", "warmup", "compiled", "mem_source", "threads", "load1",
-          "device_name", "git", "torch", "triton", "liger_kernel", "cut_cross_entropy",
+          "device_name", "cpu_isa", "git", "torch", "triton", "liger_kernel", "cut_cross_entropy",
           "time_utc")
 
 

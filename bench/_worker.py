@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import traceback
 
 import torch
+
+from r1reward import machine
 
 from . import _measure as M
 from ._inputs import Problem, make_inputs
@@ -118,20 +119,14 @@ def _median_or_none(xs):
 
 
 def _context(dev: torch.device) -> dict:
-    """Where the row was measured: device, threads, and the checkout's code version."""
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
-    return {"device_name": name, "threads": torch.get_num_threads(), "git": _git_version()}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"CPU {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return f"CPU {platform.processor() or platform.machine()}"
+    """Where the row was measured: device, threads, ATen's instruction set on a CPU, and
+    the checkout's code version."""
+    if dev.type == "cuda":
+        return {"device_name": torch.cuda.get_device_name(dev), "threads": torch.get_num_threads(),
+                "git": _git_version()}
+    m = machine.describe()
+    return {"device_name": f"CPU {m['cpu']}", "threads": m["torch_threads"],
+            "cpu_isa": m["aten_cpu_capability"], "git": _git_version()}
 
 
 def _git_version() -> str | None:

@@ -76,7 +76,7 @@ def measure_shape(args, n, h, v, env) -> dict:
         out[f"{label}_s"] = row.get("fwdbwd_s")
         out[f"{label}_cpu_s"] = row.get("fwdbwd_cpu_s")
         out[f"{label}_extra_mb"] = row.get("logit_mb")
-        for k in ("cpu_blas", "device_name", "threads", "git", "load1"):
+        for k in ("cpu_blas", "device_name", "cpu_isa", "threads", "git", "load1"):
             if row.get(k) is not None:
                 out.setdefault(k, row[k])
     add_ratios(out)

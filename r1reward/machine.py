@@ -5,9 +5,9 @@ On a CPU the cold start's outcome depends on the BLAS kernels and ATen's vector 
 which are chosen per instruction set (AVX-512 on recent Intel Xeons, AVX2 on AMD Zen 3),
 so the same seed can form a comparison on one box and not on another. ``describe()`` is
 written into ``summary.json`` so two runs can be told apart, and ``python -m
-r1reward.machine`` prints it. Both choices can be pinned before the process starts:
-``ATEN_CPU_CAPABILITY=avx2`` (ATen's kernels) and ``MKL_CBWR=AVX2`` (MKL's GEMM branch),
-which is how docs/training_runs.md runs a recipe under a second set of numerics.
+r1reward.machine`` prints it. Both choices can be pinned before the process starts
+(``ATEN_CPU_CAPABILITY=avx2``, ``MKL_CBWR=AVX2``), which gives a second set of numerics on
+one box; on an Intel box that did not reproduce an AMD box's run (docs/training_runs.md).
 """
 from __future__ import annotations
 

@@ -45,6 +45,8 @@ def test_quick_run_rows(quick_rows):
             assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, (m, k, r[k])
         assert (r["N"], r["H"], r["V"], r["dtype"], r["device"]) == (512, 64, 49152, "fp32", "cpu")
         assert r["torch"] == torch.__version__.split("+")[0] or r["torch"] == torch.__version__
+        # CPU figures depend on the instruction set the kernels ran: each row names it
+        assert r["cpu_isa"] == torch.backends.cpu.get_cpu_capability() and r["device_name"].startswith("CPU ")
     assert by["3gemm"]["ratio_to_3gemm"] == 1.0 == by["3gemm"]["cpu_ratio_to_3gemm"]
     # Gradients ∂h + ∂W in fp32 are what every method must leave behind.
     assert by["naive"]["grad_mb"] == pytest.approx((512 * 64 + 49152 * 64) * 4 / 2**20)
@@ -138,6 +140,7 @@ def test_cpu_sweep_runs_and_writes_rows(tmp_path, monkeypatch):
     rows = [_json.loads(x) for x in (tmp_path / "cpu_sweep.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["exact_status"] == "ok" and rows[0]["filtered_status"] == "ok"
     assert rows[0]["bound_s"] > 0 and rows[0]["exact_s"] > 0 and "meets_memory" in rows[0]
+    assert rows[0]["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_train_step_bench_times_both_layouts_and_restores_the_trainer(capsys):
