@@ -296,11 +296,12 @@ def test_cold_start_runs_the_warmup_then_the_judgments(pairs, tiny_dir, monkeypa
     from r1reward import sft
     from r1reward.data import image_fact
     from r1reward.model import load_model_and_processor
-    seen = []
+    seen, images = [], []
     real = sft.train_sft
 
     def spy(model, processor, examples, cfg, **kw):
         seen.append(([t for _, t in examples], cfg.steps))
+        images.append([p.image for p, _ in examples])
         return real(model, processor, examples, cfg, **kw)
 
     monkeypatch.setattr(sft, "train_sft", spy)
@@ -327,6 +328,12 @@ def test_cold_start_runs_the_warmup_then_the_judgments(pairs, tiny_dir, monkeypa
     assert seen[0][0] == [t for _, t in ex]
     assert [[t[a:b] for a, b in t.unsupervised] for t in seen[0][0]] == [[f] for f in facts]
     assert steps == [(s, s) for s in range(1, 6)]  # one count through both phases
+    # the warm-up's image: blank by default, each pair's own with copy_warmup_image "own"
+    assert all(i != p.image for i, (p, _) in zip(images[0], ex))
+    images.clear()
+    sft.train_cold_start(model, processor, ex, dataclasses.replace(cfg, copy_warmup_image="own"),
+                         log=lambda _: None)
+    assert images[0] == [p.image for p, _ in ex]
     # blank_judge_on picks the kinds whose judgments come back on the blank image
     kinds = {p.meta["kind"] for p, _ in ex}
     assert len(kinds) > 1
