@@ -65,7 +65,8 @@ class SFTConfig:
     # on 4 of 4 (quotes only, fact trained: 1 of 4; docs/training_runs.md).
     copy_warmup_judge: bool = True
     # The warm-up's image: "blank" (the claim can only come from the response) or "own"
-    # (each pair's image; for a base that already reads, R1REWARD_TINY_READING_STEPS).
+    # (each pair's image, for a base that already reads: R1REWARD_TINY_READING_STEPS; from
+    # such a base it formed both comparisons on 2 of 4 screened seeds, blank on 4 of 4).
     copy_warmup_image: str = "blank"
     # Question kinds whose full judgments join the rest of the cold start a second time,
     # on a blank image, when there is a warm-up ("" = all kinds).

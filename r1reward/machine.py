@@ -34,7 +34,7 @@ def _cpuinfo() -> dict:
 
 
 def describe() -> dict:
-    """The machine and numeric paths of this process (torch already imported or not)."""
+    """The machine and the numeric paths this process takes."""
     import torch
     info = _cpuinfo()
     out = {
