@@ -34,6 +34,9 @@ TINY_VERSION = "5"
 # cold start than the random one (docs/training_runs.md). $R1REWARD_TINY_READING_STEPS sets it.
 READING_STEPS = 0
 READING_ENV = "R1REWARD_TINY_READING_STEPS"
+# What the captions name (r1reward.tiny_reading.CAPTIONS); $R1REWARD_TINY_READING_CAPTIONS sets it.
+READING_CAPTIONS = "color_shape"
+READING_CAPTIONS_ENV = "R1REWARD_TINY_READING_CAPTIONS"
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -88,14 +91,27 @@ def reading_steps() -> int:
     return steps
 
 
+def reading_captions() -> str:
+    """What the base's captions name: ``$R1REWARD_TINY_READING_CAPTIONS`` or READING_CAPTIONS."""
+    from .tiny_reading import CAPTIONS
+
+    names = os.environ.get(READING_CAPTIONS_ENV, "").strip() or READING_CAPTIONS
+    if names not in CAPTIONS:
+        raise ValueError(f"${READING_CAPTIONS_ENV}={names!r}: expected one of {', '.join(CAPTIONS)}")
+    return names
+
+
 def default_model_dir(heads: int = HEADS) -> Path:
     """The embedded tiny checkpoint, built once under ``$R1REWARD_CACHE`` (default
     ``~/.cache/r1reward``) and reused; ``heads`` text attention heads (head size 64/heads)."""
     steps = reading_steps()
+    names = reading_captions() if steps else READING_CAPTIONS
     name = (f"tiny-qwen2.5-vl-v{TINY_VERSION}" + ("" if heads == HEADS else f"-h{heads}")
-            + ("" if steps == READING_STEPS else f"-read{steps}"))
+            + ("" if steps == READING_STEPS else f"-read{steps}")
+            + ("" if names == READING_CAPTIONS else f"-{names}"))
     return build_once(cache_root() / name,
-                      lambda out: build_tiny_checkpoint(out, heads=heads, reading_steps=steps),
+                      lambda out: build_tiny_checkpoint(out, heads=heads, reading_steps=steps,
+                                                        reading_captions=names),
                       marker="config.json")
 
 
@@ -144,7 +160,8 @@ def tiny_config(tok, heads: int = HEADS):
 
 
 def build_tiny_checkpoint(out_dir, seed: int = 0, heads: int = HEADS,
-                          reading_steps: int = READING_STEPS) -> Path:
+                          reading_steps: int = READING_STEPS,
+                          reading_captions: str = READING_CAPTIONS) -> Path:
     """Write a complete, ``from_pretrained``-loadable tiny Qwen2.5-VL directory: random
     weights, then ``reading_steps`` caption steps (``reading.json`` says how well it reads)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -160,7 +177,7 @@ def build_tiny_checkpoint(out_dir, seed: int = 0, heads: int = HEADS,
     save_processor(out, tok, image_processor_for(MIN_PIXELS, MAX_PIXELS))
     if reading_steps:
         from .tiny_reading import teach_reading
-        info = teach_reading(model, load_processor(out), reading_steps, seed)
+        info = teach_reading(model, load_processor(out), reading_steps, seed, reading_captions)
         logger.info(f"tiny base: reads colour {info['accuracy']['color']:.2f}, shape "
                     f"{info['accuracy']['shape']:.2f} of fresh images after {reading_steps} "
                     f"caption steps ({info['seconds']:.0f} s)")

@@ -24,18 +24,25 @@ logger = logging.getLogger(__name__)
 CAPTION_QUESTION = "What does the image show?"
 
 
-def caption(shape: str, color: str) -> str:
-    return f"A {color} {shape}."
+# What a caption names: "color_shape" ("A red circle.") or "shape" ("A circle.": the base
+# learns to see shapes and leaves colour to the cold start).
+CAPTIONS = ("color_shape", "shape")
 
 
-def draw_captioned(rng: random.Random, n: int):
+def caption(shape: str, color: str, names: str = "color_shape") -> str:
+    if names not in CAPTIONS:
+        raise ValueError(f"caption names={names!r}: expected one of {', '.join(CAPTIONS)}")
+    return f"A {shape}." if names == "shape" else f"A {color} {shape}."
+
+
+def draw_captioned(rng: random.Random, n: int, names: str = "color_shape"):
     """``n`` fresh images of one shape each (the colour and shape pairs' drawing), with
-    their captions and their (colour, shape)."""
+    their captions (naming ``names``) and their (colour, shape)."""
     images, captions, facts = [], [], []
     for _ in range(n):
         shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
         images.append(draw_facts(rng, "color", shape, color, color))
-        captions.append(caption(shape, color))
+        captions.append(caption(shape, color, names))
         facts.append((color, shape))
     return images, captions, facts
 
@@ -67,11 +74,12 @@ class CaptionPool:
 
     TOKEN_FILL = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "labels": -100}
 
-    def __init__(self, processor, n: int, rng: random.Random, chunk: int = 256):
+    def __init__(self, processor, n: int, rng: random.Random, chunk: int = 256,
+                 names: str = "color_shape"):
         self.pad = processor.tokenizer.pad_token_id
         self.rows: list[dict] = []
         for start in range(0, n, chunk):
-            images, captions, _ = draw_captioned(rng, min(chunk, n - start))
+            images, captions, _ = draw_captioned(rng, min(chunk, n - start), names)
             enc = caption_batch(processor, images, captions)
             per_image = int(enc["image_grid_thw"][0].prod())  # every image has the same size
             for i, length in enumerate(enc["attention_mask"].sum(1).tolist()):
@@ -98,14 +106,15 @@ class CaptionPool:
 
 
 def pretrain_reading(model, processor, steps: int, batch_size: int = 32, lr: float = 3e-3,
-                     pool: int = 4096, seed: int = 0, log=None) -> list[float]:
+                     pool: int = 4096, seed: int = 0, log=None,
+                     names: str = "color_shape") -> list[float]:
     """``steps`` AdamW steps (constant lr, grad clip 1) on batches drawn from ``pool``
-    captioned images; returns the per-step losses."""
+    images captioned by ``names``; returns the per-step losses."""
     log = log or logger.info
     rng = random.Random(f"tiny-reading-{seed}")
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    data = CaptionPool(processor, pool, rng)
+    data = CaptionPool(processor, pool, rng, names=names)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     losses = []
@@ -123,13 +132,13 @@ def pretrain_reading(model, processor, steps: int, batch_size: int = 32, lr: flo
     return losses
 
 
-def teach_reading(model, processor, steps: int, seed: int = 0) -> dict:
+def teach_reading(model, processor, steps: int, seed: int = 0, names: str = "color_shape") -> dict:
     """``steps`` caption steps on ``model``, then how well it reads: what ``reading.json``
     records."""
     linear_patch_embed(model)
     t0 = time.perf_counter()
-    losses = pretrain_reading(model, processor, steps, seed=seed)
-    return {"steps": steps, "seconds": round(time.perf_counter() - t0, 1),
+    losses = pretrain_reading(model, processor, steps, seed=seed, names=names)
+    return {"steps": steps, "captions": names, "seconds": round(time.perf_counter() - t0, 1),
             "loss_first": losses[0], "loss_last": losses[-1],
             "accuracy": reading_accuracy(model, processor)}
 

@@ -32,6 +32,16 @@ def test_the_environment_picks_the_cache_entry_and_bad_values_are_refused(monkey
         monkeypatch.setenv(tiny.READING_ENV, bad)
         with pytest.raises(ValueError, match="R1REWARD_TINY_READING_STEPS"):
             tiny.default_model_dir()
+    monkeypatch.setenv(tiny.READING_ENV, "2")
+    monkeypatch.setenv(tiny.READING_CAPTIONS_ENV, "shape")
+    shape_only = tiny.default_model_dir()
+    assert shape_only.name == f"tiny-qwen2.5-vl-v{tiny.TINY_VERSION}-read2-shape"
+    assert json.loads((shape_only / "reading.json").read_text())["captions"] == "shape"
+    monkeypatch.setenv(tiny.READING_CAPTIONS_ENV, "colour")
+    with pytest.raises(ValueError, match="R1REWARD_TINY_READING_CAPTIONS='colour'"):
+        tiny.default_model_dir()
+    monkeypatch.setenv(tiny.READING_ENV, "0")  # no caption steps: the setting has nothing to act on
+    assert tiny.default_model_dir().name == f"tiny-qwen2.5-vl-v{tiny.TINY_VERSION}"
 
 
 def test_caption_batch_puts_labels_on_the_caption_only(tiny_dir):
@@ -44,6 +54,11 @@ def test_caption_batch_puts_labels_on_the_caption_only(tiny_dir):
     tok = proc.tokenizer
     for row, cap in zip(enc["labels"], captions):
         assert tok.decode(row[row != -100]) == cap + "<|im_end|>"
+    _, shape_captions, shape_facts = draw_captioned(random.Random(0), 3, names="shape")
+    assert [f for f in shape_facts] == facts  # the same images, captioned by shape alone
+    assert shape_captions == [f"A {shape}." for _, shape in facts]
+    with pytest.raises(ValueError, match="names='size'"):
+        draw_captioned(random.Random(0), 1, names="size")
 
 
 def test_the_pool_batches_as_the_processor_does(tiny_dir):
