@@ -29,13 +29,13 @@ CAPTION_QUESTION = "What does the image show?"
 CAPTIONS = ("color_shape", "shape")
 
 
-def caption(shape: str, color: str, names: str = "color_shape") -> str:
+def caption(shape: str, color: str, names: str = CAPTIONS[0]) -> str:
     if names not in CAPTIONS:
         raise ValueError(f"caption names={names!r}: expected one of {', '.join(CAPTIONS)}")
     return f"A {shape}." if names == "shape" else f"A {color} {shape}."
 
 
-def draw_captioned(rng: random.Random, n: int, names: str = "color_shape"):
+def draw_captioned(rng: random.Random, n: int, names: str = CAPTIONS[0]):
     """``n`` fresh images of one shape each (the colour and shape pairs' drawing), with
     their captions (naming ``names``) and their (colour, shape)."""
     images, captions, facts = [], [], []
@@ -75,7 +75,7 @@ class CaptionPool:
     TOKEN_FILL = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "labels": -100}
 
     def __init__(self, processor, n: int, rng: random.Random, chunk: int = 256,
-                 names: str = "color_shape"):
+                 names: str = CAPTIONS[0]):
         self.pad = processor.tokenizer.pad_token_id
         self.rows: list[dict] = []
         for start in range(0, n, chunk):
@@ -107,7 +107,7 @@ class CaptionPool:
 
 def pretrain_reading(model, processor, steps: int, batch_size: int = 32, lr: float = 3e-3,
                      pool: int = 4096, seed: int = 0, log=None,
-                     names: str = "color_shape") -> list[float]:
+                     names: str = CAPTIONS[0]) -> list[float]:
     """``steps`` AdamW steps (constant lr, grad clip 1) on batches drawn from ``pool``
     images captioned by ``names``; returns the per-step losses."""
     log = log or logger.info
@@ -132,7 +132,7 @@ def pretrain_reading(model, processor, steps: int, batch_size: int = 32, lr: flo
     return losses
 
 
-def teach_reading(model, processor, steps: int, seed: int = 0, names: str = "color_shape") -> dict:
+def teach_reading(model, processor, steps: int, seed: int = 0, names: str = CAPTIONS[0]) -> dict:
     """``steps`` caption steps on ``model``, then how well it reads: what ``reading.json``
     records."""
     linear_patch_embed(model)

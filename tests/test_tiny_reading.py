@@ -55,7 +55,7 @@ def test_caption_batch_puts_labels_on_the_caption_only(tiny_dir):
     for row, cap in zip(enc["labels"], captions):
         assert tok.decode(row[row != -100]) == cap + "<|im_end|>"
     _, shape_captions, shape_facts = draw_captioned(random.Random(0), 3, names="shape")
-    assert [f for f in shape_facts] == facts  # the same images, captioned by shape alone
+    assert shape_facts == facts  # the same images, captioned by shape alone
     assert shape_captions == [f"A {shape}." for _, shape in facts]
     with pytest.raises(ValueError, match="names='size'"):
         draw_captioned(random.Random(0), 1, names="size")
