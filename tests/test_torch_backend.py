@@ -470,7 +470,7 @@ def test_cpu_blas_engine_measured_once_and_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("R1REWARD_CACHE", str(tmp_path))
     monkeypatch.setenv(cpu_blas.ENV, "auto")
     monkeypatch.setattr(cpu_blas, "_memo", {})
-    monkeypatch.setattr(cpu_blas, "PROBE_MACS", 1 << 16)
+    monkeypatch.setattr(cpu_blas, "PROBE_BYTES", 1 << 18)
     calls = []
     real = cpu_blas.measure
     monkeypatch.setattr(cpu_blas, "measure", lambda *a: calls.append(a) or real(*a))
@@ -481,15 +481,67 @@ def test_cpu_blas_engine_measured_once_and_cached(monkeypatch, tmp_path):
     assert cpu_blas.engine(60, 3100, 8) == e and len(calls) == 1  # same shape class
     monkeypatch.setattr(cpu_blas, "_memo", {})
     assert cpu_blas.engine(64, 3000, 8) == e and len(calls) == 1  # read back from the file
-    data = json.loads((tmp_path / cpu_blas.CACHE_FILE).read_text())
-    entry = data[cpu_blas.machine_key()][cpu_blas.shape_class(64, 3000, 8)]
+    cpu_blas.engine(64, 3000, 8, grads=False)  # log-probs only: another pattern, measured
+    assert len(calls) == 2
+    data = json.loads((tmp_path / cpu_blas.CACHE_FILE).read_text())[cpu_blas.machine_key()]
+    entry = data[cpu_blas.shape_class(64, 3000, 8)]
     assert entry["engine"] == e and entry["torch_s"] > 0 and entry["numpy_s"] > 0
+    assert set(data) == {"H64-V4096-C8-grad", "H64-V4096-C8-fwd"}
     for forced in cpu_blas.ENGINES:
         monkeypatch.setenv(cpu_blas.ENV, forced)
-        assert cpu_blas.engine(1 << 12, 1 << 17, 1 << 10) == forced and len(calls) == 1
+        assert cpu_blas.engine(1 << 12, 1 << 17, 1 << 10) == forced and len(calls) == 2
     monkeypatch.setenv(cpu_blas.ENV, "mkl")
     with pytest.raises(ValueError, match=cpu_blas.ENV):
         cpu_blas.engine(64, 3000, 8)
+
+
+@pytest.mark.parametrize("fast", cpu_blas.ENGINES)
+def test_cpu_blas_probe_runs_torch_first_and_picks_the_faster(fast):
+    # Torch's rounds all run before numpy's (OpenBLAS's spinning threads must not slow
+    # them); one warm-up round each is not timed; numpy needs a 10 % margin to win.
+    import time
+    seen = []
+
+    def probe(eng):
+        seen.append(eng)
+        time.sleep(0.002 if eng == fast else 0.02)
+
+    result = cpu_blas.measure(probe)
+    n = cpu_blas.PROBE_ROUNDS + 1
+    assert seen == ["torch"] * n + ["numpy"] * n
+    assert result["engine"] == fast
+    assert result[f"{fast}_s"] < result[f"{'numpy' if fast == 'torch' else 'torch'}_s"]
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+def test_cpu_blas_probe_times_the_calls_own_chunk_and_leaves_results_alone(
+        monkeypatch, tmp_path, filtered):
+    # The first call of a shape class times its own first chunk (rows, weight, logit
+    # buffer, ∂W's empty storage) with both engines; that must not change what it returns:
+    # the same call with the chosen engine forced gives the same loss and gradients.
+    monkeypatch.setattr(whole_batch, "ENABLED", False)  # that path chooses no engine
+    monkeypatch.setenv("R1REWARD_CACHE", str(tmp_path))
+    monkeypatch.setenv(cpu_blas.ENV, "auto")
+    monkeypatch.setattr(cpu_blas, "_memo", {})
+    monkeypatch.setattr(cpu_blas, "MIN_MACS", 1)
+    shapes = []
+    real = cpu_blas.measure
+    monkeypatch.setattr(cpu_blas, "measure", lambda p: shapes.append(p.shape) or real(p))
+    B, T, H, V = 3, 5, 24, 301
+    h, w, _, y, mask, g = make_inputs(B, T, H, V)
+    old, adv, _ = loss_inputs(h, w, y, mask, g)
+    kw = dict(filter_eps=1e-3) if filtered else {}
+    loss, stats, grads = run_fused("torch", h, w, y, old, adv, mask, **kw)
+    assert shapes == [[4, H, V]]  # the call's own chunk of 4 rows over the whole vocabulary
+    monkeypatch.setenv(cpu_blas.ENV, next(iter(cpu_blas._memo.values())))
+    loss_f, stats_f, grads_f = run_fused("torch", h, w, y, old, adv, mask, **kw)
+    assert len(shapes) == 1  # forced: not measured again
+    torch.testing.assert_close(loss, loss_f, rtol=0, atol=0)
+    for a, b in zip(grads, grads_f):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for k, v in stats.items():
+        if isinstance(v, torch.Tensor):
+            torch.testing.assert_close(v, stats_f[k], rtol=0, atol=0, msg=k)
 
 
 def test_numpy_engine_runs_on_torch_thread_count_and_matches(monkeypatch):

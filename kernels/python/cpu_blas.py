@@ -7,14 +7,15 @@ Two engines compute the per-chunk GEMMs (logits ``[C, H]·[H, V]`` and ∂h ``[C
   run on torch's thread count through threadpoolctl.
 
 ∂W always accumulates in place with ``torch.addmm_`` (numpy cannot accumulate into an
-output), so the two engines are timed as the whole sequence of three GEMMs a chunk runs;
-that also counts the cost of two thread pools taking turns on the cores.
-
-Which one is faster depends on the CPU and the shape (MKL won on the Intel Xeon box, numpy's
-OpenBLAS on the AMD EPYC one; figures in docs/kernels_cpu.md), so neither is assumed: the
-first call of a shape class measures both on a vocabulary slice and stores the winner in
-``<cache root>/cpu_blas.json`` under a key naming this machine. ``R1REWARD_CPU_BLAS=torch``
-or ``=numpy`` forces one (no measurement); ``auto`` (the default) measures.
+output). Which engine is faster depends on the CPU and the shape (figures in
+docs/kernels_cpu.md), so neither is assumed: the first call of a shape class times a
+chunk's own work with each engine — on that call's weight, rows and logit buffer, the
+softmax pass between the GEMMs, ∂W written into the gradient's storage before the loop
+fills it — and stores the winner in ``<cache root>/cpu_blas.json`` under a key naming this
+machine. Timing the whole chunk matters: OpenBLAS's worker threads keep spinning after a
+call and slow torch's next op, which GEMMs timed alone do not show. The torch rounds run
+first, so they never pay for the other library's threads. ``R1REWARD_CPU_BLAS=torch`` or
+``=numpy`` forces one (no measurement); ``auto`` (the default) measures.
 """
 from __future__ import annotations
 
@@ -34,17 +35,14 @@ ENV = "R1REWARD_CPU_BLAS"
 CACHE_FILE = "cpu_blas.json"
 # Below this many multiply-adds per chunk GEMM the call overheads dominate: no measurement.
 MIN_MACS = 1 << 26
-# The probe GEMMs use a vocabulary slice of up to this many multiply-adds (~25 ms each at
-# 200 GFLOP/s): large enough that the weight slice outgrows the caches, as the real one does.
-PROBE_MACS = 1 << 31
-# The probe runs inside the first call, so its buffers (weight slice, its gradient, the
-# logits) stay within that call's extra-memory budget.
+# Without a call's own operands (a direct call), the probe builds random ones: a vocabulary
+# slice of at most this many bytes (weight, logits, ∂W).
 PROBE_BYTES = 48 << 20
-PROBE_ROUNDS = 5  # interleaved rounds per engine; the minimum is kept (noisy shared boxes)
+PROBE_ROUNDS = 3  # rounds per engine after one warm-up round; the minimum is kept
 # numpy must beat torch by this factor to be chosen: a coin-flip on a noisy box should not
 # stick (the choice is cached) and torch.mm needs no second thread pool.
 NUMPY_MARGIN = 0.9
-PROBE_VERSION = 3  # part of the cache key: a changed probe re-measures
+PROBE_VERSION = 4  # part of the cache key: a changed probe re-measures
 
 _memo: dict[tuple, str] = {}  # (shape class, threads) -> engine, for this process
 _blas_ctl = None  # threadpoolctl controller of numpy's BLAS (None: not probed; False: absent)
@@ -58,25 +56,31 @@ def setting() -> str:
     return value
 
 
-def engine(hidden: int, vocab: int, rows: int) -> str:
-    """Engine for chunk GEMMs of ``rows × hidden × vocab`` (measured once per shape class)."""
+def engine(hidden: int, vocab: int, rows: int, grads: bool = True, probe=None) -> str:
+    """Engine for chunk GEMMs of ``rows × hidden × vocab`` (measured once per shape class).
+
+    ``grads``: the chunks also compute gradients (∂h, ∂W), not only log-probs; the two
+    patterns are measured apart. ``probe(engine)`` runs one chunk's work on the calling
+    op's operands (:func:`chunk_probe`); without it the measurement uses random ones."""
     forced = setting()
     if forced != "auto":
         return forced
     if rows * hidden * vocab < MIN_MACS:
         return "torch"
-    key = shape_class(hidden, vocab, rows)
+    key = shape_class(hidden, vocab, rows, grads)
     memo_key = (key, torch.get_num_threads())  # a changed thread count is another machine key
     if memo_key not in _memo:
-        _memo[memo_key] = _cached_or_measured(key, hidden, vocab, rows)
+        _memo[memo_key] = _cached_or_measured(
+            key, lambda: measure(probe or random_probe(hidden, vocab, rows, grads)))
     return _memo[memo_key]
 
 
-def shape_class(hidden: int, vocab: int, rows: int) -> str:
-    """Powers of two nearest to each size: shapes within a class behave alike."""
+def shape_class(hidden: int, vocab: int, rows: int, grads: bool = True) -> str:
+    """Powers of two nearest to each size (shapes within a class behave alike), and
+    whether the chunks compute gradients."""
     def p2(x):
         return 1 << max(0, round(math.log2(max(x, 1))))
-    return f"H{p2(hidden)}-V{p2(vocab)}-C{p2(rows)}"
+    return f"H{p2(hidden)}-V{p2(vocab)}-C{p2(rows)}-{'grad' if grads else 'fwd'}"
 
 
 def machine_key() -> str:
@@ -111,12 +115,12 @@ def cache_path() -> Path:
     return root / CACHE_FILE
 
 
-def _cached_or_measured(key, hidden, vocab, rows) -> str:
+def _cached_or_measured(key, measure_now) -> str:
     path, machine = cache_path(), machine_key()
     entry = _read(path).get(machine, {}).get(key)
     if entry and entry.get("engine") in ENGINES:
         return entry["engine"]
-    entry = measure(hidden, vocab, rows)
+    entry = measure_now()
     entry["measured_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-measurement
         data = _read(path)
@@ -136,30 +140,50 @@ def _read(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def measure(hidden: int, vocab: int, rows: int) -> dict:
-    """Time one chunk's three GEMMs with each engine on a vocabulary slice; the faster wins.
+def chunk_probe(hc: torch.Tensor, w: torch.Tensor, z: torch.Tensor, grads: bool,
+                dw: torch.Tensor | None = None):
+    """One chunk's work as the loop runs it, for :func:`measure`: logits ``hc·wᵀ`` into
+    ``z``, the in-place softmax, and with ``grads`` the ∂h GEMM and (when a scratch ``dw``
+    of ``w``'s shape is given) ∂W written with torch. Every operand is only overwritten."""
+    def run(eng: str) -> None:
+        logits(eng, hc, w, z)
+        torch._softmax(z, 1, False, out=z)
+        if grads:
+            mm_w(eng, z, w)
+            if dw is not None:
+                torch.mm(z.t(), hc, out=dw)
+    run.shape = [hc.shape[0], w.shape[1], w.shape[0]]
+    return run
 
-    Returns ``{"engine", "torch_s", "numpy_s", "probe": [rows, hidden, vocab slice]}``.
-    """
-    vs = min(vocab, PROBE_MACS // max(1, rows * hidden),
-             PROBE_BYTES // (4 * (2 * hidden + rows)))
-    vs = max(vs, 64)
+
+def random_probe(hidden: int, vocab: int, rows: int, grads: bool = True):
+    """:func:`chunk_probe` on random operands: a vocabulary slice within ``PROBE_BYTES``."""
+    vs = max(64, min(vocab, PROBE_BYTES // (4 * (2 * hidden + rows))))
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(vs, hidden, generator=gen)
-    h = torch.randn(rows, hidden, generator=gen)
-    z = torch.empty(rows, vs)
-    dw = torch.zeros(vs, hidden)
-    best = {e: math.inf for e in ENGINES}
-    for _ in range(PROBE_ROUNDS + 1):  # the first round warms both libraries up
-        for e in ENGINES:
+    w = torch.randn(vs, hidden, generator=gen).mul_(hidden ** -0.5)
+    return chunk_probe(torch.randn(rows, hidden, generator=gen), w, torch.empty(rows, vs),
+                       grads, torch.empty(vs, hidden) if grads else None)
+
+
+def measure(probe) -> dict:
+    """Time ``probe(engine)`` for each engine (one warm-up, then the minimum of
+    ``PROBE_ROUNDS``); numpy wins only below ``NUMPY_MARGIN`` of torch's time.
+
+    The engines run one after the other, torch first: OpenBLAS's threads spin for a while
+    after its calls, and a torch round run among them would pay for that in this probe
+    though never in a loop that uses torch alone. Returns ``{"engine", "torch_s",
+    "numpy_s", "probe": [rows, hidden, vocab]}``."""
+    best = {}
+    for e in ENGINES:
+        times = []
+        for _ in range(PROBE_ROUNDS + 1):
             t0 = time.perf_counter()
-            logits(e, h, w, z)
-            mm_w(e, z, w)
-            dw.addmm_(z.t(), h)
-            best[e] = min(best[e], time.perf_counter() - t0)
+            probe(e)
+            times.append(time.perf_counter() - t0)
+        best[e] = min(times[1:])
     winner = "numpy" if best["numpy"] < NUMPY_MARGIN * best["torch"] else "torch"
     return {"engine": winner, "torch_s": best["torch"], "numpy_s": best["numpy"],
-            "probe": [rows, hidden, vs]}
+            "probe": getattr(probe, "shape", None)}
 
 
 def logits(eng: str, h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
@@ -196,5 +220,5 @@ def numpy_threads(n: int):
     return contextlib.nullcontext()
 
 
-__all__ = ["engine", "measure", "setting", "shape_class", "machine_key", "cache_path",
-           "logits", "mm_w", "numpy_threads", "ENGINES", "ENV"]
+__all__ = ["engine", "measure", "chunk_probe", "random_probe", "setting", "shape_class",
+           "machine_key", "cache_path", "logits", "mm_w", "numpy_threads", "ENGINES", "ENV"]

@@ -58,7 +58,7 @@ class _Chunker:
     reused logit buffer."""
 
     def __init__(self, h, w, bias, temperature, n_rows, *, grads, entropy=False,
-                 filtered=False):
+                 filtered=False, dw_scratch=None):
         self.w32 = w.to(torch.float32).contiguous()  # no copy for a contiguous fp32 weight
         self.inv_tau = 1.0 / temperature
         self.bz = None if bias is None else bias.to(torch.float32) * self.inv_tau
@@ -70,12 +70,23 @@ class _Chunker:
         self.c = self.plan.rows if MAX_CHUNK_ROWS is None else min(self.plan.rows, MAX_CHUNK_ROWS)
         self.rows = min(self.c, max(n_rows, 1))
         self.device = h.device
+        self.with_grads = grads
+        # ∂W's storage before the first chunk writes it: the engine probe may scribble there.
+        self.dw_scratch = dw_scratch
+        self.engine = None  # chosen at the first chunk (the whole-batch path needs none)
 
-    # Made on first use: the whole-batch path needs neither.
-    @functools.cached_property
-    def engine(self):
-        vocab, hidden = self.w32.shape
-        return cpu_blas.engine(hidden, vocab, self.rows) if self.device.type == "cpu" else "torch"
+    def choose_engine(self, hc):
+        """The GEMM engine; on CPU a shape class's first call times this call's own first
+        chunk with each engine (:func:`.cpu_blas.chunk_probe`), results discarded."""
+        if self.engine is None:
+            vocab, hidden = self.w32.shape
+            if self.device.type != "cpu":
+                self.engine = "torch"
+            else:
+                probe = cpu_blas.chunk_probe(hc, self.w32, self.buf[:hc.shape[0]],
+                                             self.with_grads, self.dw_scratch)
+                self.engine = cpu_blas.engine(hidden, vocab, self.rows, self.with_grads, probe)
+        return self.engine
 
     @functools.cached_property
     def buf(self):
@@ -90,7 +101,7 @@ class _Chunker:
     def logits(self, hc):
         """``(z, hz)``: ``z = (hc·Wᵀ + b)/τ`` [c, V] fp32 in the reused buffer and ``hz = hc/τ``
         (1/τ is folded into the small hc)."""
-        engine = self.engine  # its first-call probe runs before the buffer exists
+        engine = self.choose_engine(hc)
         hz = hc * self.inv_tau if self.inv_tau != 1.0 else hc
         z = self.buf[:hc.shape[0]]
         if engine == "numpy" or self.bz is None:
@@ -256,6 +267,11 @@ class _Grads:
         self.dtypes = (h.dtype, w.dtype, None if bias is None else bias.dtype)
 
     @property
+    def dw_scratch(self):
+        """∂W's storage while nothing is in it yet (dense mode, before the first chunk)."""
+        return None if self.dw is None or self.dw_ready else self.dw
+
+    @property
     def any(self):
         return self.dh is not None or self.dw is not None or self.db is not None
 
@@ -314,7 +330,7 @@ def token_logprobs_bwd_impl(grad_lp, h, w, t, bias, lse, temperature, ignore_ind
     rows_all = ((t != ignore_index) & (g_all != 0)).nonzero().squeeze(1)
     if grads.any and rows_all.numel():
         ck = _Chunker(h, w, bias, temperature, rows_all.numel(), grads=True,
-                      filtered=filter_eps is not None)
+                      filtered=filter_eps is not None, dw_scratch=grads.dw_scratch)
         for rows, hc in ck.chunks(h, rows_all):
             _lp_bwd_chunk(ck, rows, hc, t[rows], g_all[rows], grads, filter_eps)
     return grads.finish(h)
@@ -342,7 +358,8 @@ def fused_loss_impl(h, w, t, old_lp, adv, ref_lp, tok_weight, valid, bias, tempe
     loss = h.new_zeros((), dtype=torch.float32)
     grads = _Grads(h, w, bias, need_dh, need_dw, need_db, filter_eps is not None)
     ck = _Chunker(h, w, bias, temperature, rows_all.numel(), grads=grads.any,
-                  entropy=return_entropy, filtered=filter_eps is not None)
+                  entropy=return_entropy, filtered=filter_eps is not None,
+                  dw_scratch=grads.dw_scratch)
     wide = whole_batch.plan(h, w, rows_all, grads, filter_eps, ck.c, EXTRA_BUDGET_BYTES,
                             bias=bias is not None)
     if wide is not None:
