@@ -112,13 +112,9 @@ def _fact_phrase(kind: str, shape: str, color: str, truth: str) -> str:
         return f"ONE {color} {shape}" if truth == "one" else f"{truth.upper()} {color} {_plural(shape)}"
     if kind == "position":
         return f"a {color} {shape} {WHERE[truth].upper()}"
-    # Colour and shape: first the whole object in lower case, whichever is asked, then the
-    # asked value in capitals. The lower-case words read the image the same way in both
-    # kinds; a cold start that read shapes right in colour judgments while never writing
-    # the shape's capitals is what this is for (docs/training_runs.md, 2026-12-04).
     if kind == "shape":
-        return f"a {color} {truth}, so the {ASPECT[kind]} is {truth.upper()}"
-    return f"a {truth} {shape}, so the {ASPECT[kind]} is {truth.upper()}"
+        return f"a {color} {truth.upper()}"
+    return f"a {truth.upper()} {shape}"
 
 
 def _value_phrase(kind: str, shape: str, value: str) -> str:

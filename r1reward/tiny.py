@@ -28,8 +28,7 @@ logger = logging.getLogger(__name__)
 # 3: processor_config.json carries the video processor's config (AutoProcessor loads it).
 # 4: the tokenizer learns the analyses' new words (the fact's capitals, the verdicts).
 # 5: images are resized to 56*56 pixels' worth (a square one: 2x2 merged vision tokens, was 4x4).
-# 6: the fact of colour and shape judgments names the whole object, then the asked value.
-TINY_VERSION = "6"
+TINY_VERSION = "5"
 # Caption steps of the base model (r1reward.tiny_reading), off by default: a base that reads
 # (0.98 of fresh images' colours and shapes after 1000) formed weaker colour judgments in the
 # cold start than the random one (docs/training_runs.md). $R1REWARD_TINY_READING_STEPS sets it.
