@@ -47,8 +47,6 @@ def measure(spec: dict) -> dict:
         return row
     inp = make_inputs(p, spec.get("cache_dir"))
     row.update(inp["info"])
-    if spec.get("paired_with"):
-        return _measure_paired(spec, inp, dev, row)
     forward, step = build(method, inp, Options(compile=spec.get("compile", True)))
 
     # Without a resettable high-water mark only the first call can be measured on CPU.
@@ -100,50 +98,11 @@ def measure(spec: dict) -> dict:
             "cuda-allocator" if dev.type == "cuda" else "rss-hwm"),
         "load1": os.getloadavg()[0],  # other jobs on the machine make timings noisy
     })
-    _note_cpu_path(method, dev, row)
-    return row
-
-
-def _measure_paired(spec: dict, inp: dict, dev: torch.device, row: dict) -> dict:
-    """Time ``method`` against ``paired_with`` on the same inputs in one process, the two
-    alternating call by call (the order flips every round), and report the median of the
-    per-round time ratios: a slow spell of a shared machine then slows both sides of a
-    ratio instead of one of two runs minutes apart. No memory figures (one process holds
-    both)."""
-    opts = Options(compile=spec.get("compile", True))
-    names = (spec["paired_with"], spec["method"])  # (reference, measured)
-    steps = {m: build(m, inp, opts)[1] for m in names}
-    for _ in range(int(spec.get("warmup", 1))):
-        for m in names:
-            _clear_grads(inp)
-            steps[m]()
-    times = {m: [] for m in names}
-    for r in range(int(spec.get("repeats", 1))):
-        for m in (names if r % 2 == 0 else names[::-1]):
-            _clear_grads(inp)
-            times[m].append(M.timed_call(steps[m], dev))
-    _clear_grads(inp)
-    ref, meas = times[names[0]], times[names[1]]
-    row.update({
-        "paired_with": names[0],
-        "paired_ref_s": M.median([t[0] for t in ref]),
-        "paired_s": M.median([t[0] for t in meas]),
-        "paired_ratio": M.median([b[0] / a[0] for a, b in zip(ref, meas)]),
-        "paired_ratio_cpu": (None if dev.type == "cuda" else
-                             M.median([b[1] / a[1] for a, b in zip(ref, meas)])),
-        "paired_rounds": len(meas),
-        "load1": os.getloadavg()[0],
-    })
-    _note_cpu_path(spec["method"], dev, row)
-    return row
-
-
-def _note_cpu_path(method: str, dev: torch.device, row: dict) -> None:
-    """Which CPU path our torch backend took: the GEMM engines used, or the whole batch."""
     if method.startswith("r1reward-torch") and dev.type == "cpu":
         from r1reward.kernels import cpu_blas, whole_batch
         engines = sorted(set(cpu_blas._memo.values())) + (["whole"] if whole_batch.calls else [])
         row["cpu_blas"] = ",".join(engines) or cpu_blas.setting()
+    return row
 
 
 def set_tf32(on: bool) -> None:

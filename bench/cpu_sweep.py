@@ -4,7 +4,6 @@
     python -m bench.cpu_sweep --quick      # H ∈ {128, 1024}, V = 32000, N ∈ {256, 4096}
     python -m bench.cpu_sweep --hidden 128 --vocab 65536 --tokens 4096
     python -m bench.cpu_sweep --quick --blas numpy --no-filtered   # one engine forced
-    python -m bench.cpu_sweep --quick --paired 5   # + exact vs bound alternating in one process
 
 Per shape, each in its own worker process (``bench._worker``, as ``bench.loss_bench``):
 the 3-GEMM bound and the exact fused loss on the "random" case, the filtered fused loss
@@ -12,11 +11,8 @@ on the "peaked" case (LM-like softmax: what filtering is for; the bound's GEMM t
 not depend on the values). Time is the median fwd+bwd wall time (and process CPU time,
 less disturbed by other jobs); extra memory is the peak RSS growth of the call minus the
 gradients' resident size. Targets (checked in the last columns): exact ≤ 1.05× the bound,
-extra ≤ 64 MiB. With ``--paired R`` one more worker per shape runs the bound and the exact
-loss alternately, R rounds, on the same inputs, and the time verdict uses the median of the
-per-round ratios (``x_pair``): a shared box's slow spells then slow both sides of a ratio.
-Prints one JSON object per shape, then a table; appends the JSON lines to
-``<out-dir>/cpu_sweep.jsonl``.
+extra ≤ 64 MiB. Prints one JSON object per shape, then a table; appends the JSON lines
+to ``<out-dir>/cpu_sweep.jsonl``.
 """
 from __future__ import annotations
 
@@ -49,9 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=4, help="sequences B (N must divide by it)")
     ap.add_argument("--repeats", type=int, default=1, help="timed fwd+bwd calls, median kept")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
-                    help="also time exact against the bound in one process, alternating, "
-                         "ROUNDS rounds (the time verdict then uses their median ratio)")
     ap.add_argument("--no-filtered", dest="filtered", action="store_false",
                     help="skip the filtered rows")
     ap.add_argument("--blas", choices=("auto", "torch", "numpy"), default=None,
@@ -63,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k, v in (QUICK if args.quick else FULL).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.repeats < 1 or args.warmup < 0 or args.paired < 0:
-        ap.error("--repeats must be >= 1, --warmup and --paired >= 0")
+    if args.repeats < 1 or args.warmup < 0:
+        ap.error("--repeats must be >= 1 and --warmup >= 0")
     return args
 
 
@@ -86,15 +79,6 @@ def measure_shape(args, n, h, v, env) -> dict:
         for k in ("cpu_blas", "device_name", "cpu_isa", "threads", "git", "load1"):
             if row.get(k) is not None:
                 out.setdefault(k, row[k])
-    if args.paired:
-        prob = Problem(case="random", N=n, B=args.batch, H=h, V=v, dtype="fp32", device="cpu")
-        row = run_worker({"problem": prob.__dict__, "method": "r1reward-torch",
-                          "paired_with": "3gemm", "repeats": args.paired, "warmup": args.warmup,
-                          "compile": False, "cache_dir": os.path.join(args.out_dir, "cache")},
-                         args.timeout, args.verbose)
-        out["paired_status"] = row.get("status")
-        for k in ("paired_ratio", "paired_ratio_cpu", "paired_rounds"):
-            out[k] = row.get(k)
     add_ratios(out)
     out.update(env)
     return out
@@ -106,9 +90,7 @@ def add_ratios(r: dict) -> None:
         for t in ("s", "cpu_s"):
             b, x = r.get(f"bound_{t}"), r.get(f"{label}_{t}")
             r[f"{label}_ratio" + ("" if t == "s" else "_cpu")] = x / b if b and x else None
-    # The paired ratio, when measured, is the one a slow spell of the machine disturbs least.
-    ratio = r.get("paired_ratio") or r.get("exact_ratio")
-    extra = r.get("exact_extra_mb")
+    ratio, extra = r.get("exact_ratio"), r.get("exact_extra_mb")
     r["meets_time"] = None if ratio is None else ratio <= TARGET_RATIO
     extras = [r.get(f"{k}_extra_mb") for k in ("exact", "filtered") if r.get(f"{k}_extra_mb") is not None]
     r["meets_memory"] = None if extra is None else max(extras) <= TARGET_EXTRA_MB
@@ -116,19 +98,18 @@ def add_ratios(r: dict) -> None:
 
 def table(rows: list[dict]) -> str:
     head = (f"{'N':>5} {'H':>5} {'V':>6} {'bound_s':>8} {'exact_s':>8} {'x_bound':>7} {'x_cpu':>6} "
-            f"{'x_pair':>6} {'filt_s':>7} {'f_bound':>7} {'ex_MB':>6} {'filt_MB':>7} {'blas':>6}  targets")
+            f"{'filt_s':>7} {'f_bound':>7} {'ex_MB':>6} {'filt_MB':>7} {'blas':>6}  targets")
     lines = [head, "-" * len(head)]
     for r in rows:
         verdict = {True: "ok", False: "MISS", None: "-"}
         lines.append(
             f"{r['N']:>5} {r['H']:>5} {r['V']:>6} {_f(r.get('bound_s'), '8.3f')} "
             f"{_f(r.get('exact_s'), '8.3f')} {_f(r.get('exact_ratio'), '7.2f')} "
-            f"{_f(r.get('exact_ratio_cpu'), '6.2f')} {_f(r.get('paired_ratio'), '6.2f')} "
-            f"{_f(r.get('filtered_s'), '7.3f')} "
+            f"{_f(r.get('exact_ratio_cpu'), '6.2f')} {_f(r.get('filtered_s'), '7.3f')} "
             f"{_f(r.get('filtered_ratio'), '7.2f')} {_f(r.get('exact_extra_mb'), '6.1f')} "
             f"{_f(r.get('filtered_extra_mb'), '7.1f')} {r.get('cpu_blas', '-'):>6}  "
             f"time {verdict[r.get('meets_time')]}, memory {verdict[r.get('meets_memory')]}"
-            + "".join(f" [{k}: {r[k + '_status']}]" for k in ("bound", "exact", "filtered", "paired")
+            + "".join(f" [{k}: {r[k + '_status']}]" for k in ("bound", "exact", "filtered")
                       if r.get(k + "_status") not in (None, "ok")))
     return "\n".join(lines)
 
