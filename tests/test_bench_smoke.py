@@ -143,6 +143,30 @@ def test_cpu_sweep_runs_and_writes_rows(tmp_path, monkeypatch):
     assert rows[0]["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
 
 
+def test_cpu_sweep_rounds_alternate_workers_and_keep_the_median_ratio(tmp_path, monkeypatch):
+    # --rounds 3: bound and exact workers three times each, the order flipped every round;
+    # the ratio is the median of the per-round ratios (one slow round does not decide).
+    from bench import cpu_sweep
+    order = []
+    times = {"3gemm": iter([1.0, 1.0, 2.0]), "r1reward-torch": iter([1.0, 3.0, 2.1])}
+
+    def fake_worker(spec, timeout, verbose):
+        m = spec["method"]
+        order.append(m)
+        t = next(times[m])
+        return {"status": "ok", "fwdbwd_s": t, "fwdbwd_cpu_s": 2 * t, "logit_mb": len(order)}
+
+    monkeypatch.setattr(cpu_sweep, "run_worker", fake_worker)
+    args = cpu_sweep.parse_args(["--hidden", "16", "--vocab", "100", "-N", "8", "--rounds", "3",
+                                 "--no-filtered", "--out-dir", str(tmp_path)])
+    row = cpu_sweep.measure_shape(args, 8, 16, 100, {})
+    assert order == ["3gemm", "r1reward-torch", "r1reward-torch", "3gemm", "3gemm", "r1reward-torch"]
+    assert row["rounds"] == 3 and row["exact_round_ratios"] == [1.0, 3.0, 1.05]
+    assert row["exact_ratio"] == 1.05 and row["exact_ratio_cpu"] == 1.05  # medians of rounds
+    assert row["meets_time"] is True  # the slow round alone (3.0) would have missed
+    assert row["bound_s"] == 1.0 and row["exact_s"] == 2.1 and row["exact_extra_mb"] == 6
+
+
 def test_train_step_bench_times_both_layouts_and_restores_the_trainer(capsys):
     from bench import train_step
     from r1reward import logprobs
