@@ -34,9 +34,9 @@ FULL = {"hidden": [128, 1024, 4096], "vocab": [32000, 151936], "tokens": [256, 4
 QUICK = {"hidden": [128, 1024], "vocab": [32000], "tokens": [256, 4096]}
 TARGET_RATIO = 1.05
 TARGET_EXTRA_MB = 64.0
-# (row label, method, case)
-RUNS = (("bound", "3gemm", "random"), ("exact", "r1reward-torch", "random"),
-        ("filtered", "r1reward-torch-filtered", "peaked"))
+# row label -> (method, case)
+RUNS = {"bound": ("3gemm", "random"), "exact": ("r1reward-torch", "random"),
+        "filtered": ("r1reward-torch-filtered", "peaked")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _run(args, label, n, h, v) -> dict:
     """One worker process: ``label``'s method on its case at one shape."""
-    method, case = {lbl: (m, c) for lbl, m, c in RUNS}[label]
+    method, case = RUNS[label]
     prob = Problem(case=case, N=n, B=args.batch, H=h, V=v, dtype="fp32", device="cpu")
     spec = {"problem": prob.__dict__, "method": method, "repeats": args.repeats,
             "warmup": args.warmup, "compile": False, "time_forward": False,
